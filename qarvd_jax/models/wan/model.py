@@ -1,0 +1,361 @@
+"""Flax NNX port of Self-Forcing's CausalWanModel (causal Wan2.1 DiT).
+
+Layouts: latents are ``[B, F, C, H, W]`` (the Self-Forcing wrapper's convention), timesteps
+``[B, F]`` floats (one per latent frame), text context ``[B, Lc, text_dim]`` with ``Lc <= text_len``.
+Tokens are ordered frame-major, then patch row, then patch column.
+
+Two entry points share every layer:
+
+* :meth:`CausalWanModel.__call__` — training path: the whole sequence at once with the
+  block-causal mask (optionally a local window), no KV cache.
+* :meth:`CausalWanModel.forward_chunk` — inference path: one chunk of new frames attending an
+  explicit :class:`~qarvd_jax.models.wan.kv_cache.KVCache` (returned updated) and a precomputed
+  :class:`~qarvd_jax.models.wan.kv_cache.CrossKV`. ``current_start`` may be traced, so a single
+  compilation serves every chunk, denoising step and context pass.
+"""
+
+from __future__ import annotations
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qarvd_jax.models.wan import kv_cache as kvc
+from qarvd_jax.models.wan.attention import block_causal_mask, get_attention
+from qarvd_jax.models.wan.config import WanDiTConfig
+from qarvd_jax.models.wan.rope import apply_rope, rope_cos_sin, sinusoidal_embedding
+
+__all__ = ["CausalWanModel", "patchify", "unpatchify"]
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _precision(cfg: WanDiTConfig):
+    return None if cfg.matmul_precision == "default" else jax.lax.Precision[cfg.matmul_precision.upper()]
+
+
+def layer_norm(x: jax.Array, eps: float, scale=None, bias=None) -> jax.Array:
+    """LayerNorm over the last dim, biased variance, statistics in float32, cast back to x.dtype."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """WanRMSNorm: ``x * rsqrt(mean(x^2) + eps)`` in float32, cast back, then times ``scale`` [dim]."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+        return y * self.scale[...].astype(x.dtype)
+
+
+class AffineLayerNorm(nnx.Module):
+    """``norm3``: LayerNorm with learned scale and bias (statistics in float32)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x):
+        return layer_norm(x, self.eps, self.scale[...], self.bias[...])
+
+
+def _linear(cfg: WanDiTConfig, din: int, dout: int, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+                      precision=_precision(cfg), rngs=rngs)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+class _QKVNorms(nnx.Module):
+    """q/k/v/o projections with full-width RMSNorm on q and k (shared by self and cross attention)."""
+
+    def __init__(self, cfg: WanDiTConfig, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.q = _linear(cfg, cfg.dim, cfg.dim, rngs)
+        self.k = _linear(cfg, cfg.dim, cfg.dim, rngs)
+        self.v = _linear(cfg, cfg.dim, cfg.dim, rngs)
+        self.o = _linear(cfg, cfg.dim, cfg.dim, rngs)
+        pdt = _dtype(cfg.param_dtype)
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps, param_dtype=pdt) if cfg.qk_norm else None
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps, param_dtype=pdt) if cfg.qk_norm else None
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def project_q(self, x):
+        q = self.q(x)
+        return self._heads(self.norm_q(q) if self.norm_q is not None else q)
+
+    def project_kv(self, x):
+        k = self.k(x)
+        k = self.norm_k(k) if self.norm_k is not None else k
+        return self._heads(k), self._heads(self.v(x))
+
+    def output(self, attn):
+        return self.o(attn.reshape(*attn.shape[:-2], -1))
+
+
+class SelfAttention(_QKVNorms):
+    """CausalWanSelfAttention with RoPE on q/k; training (masked) and KV-cache modes."""
+
+
+class CrossAttention(_QKVNorms):
+    """WanT2VCrossAttention: full attention over every text token, no mask."""
+
+
+class CausalWanBlock(nnx.Module):
+    """One transformer block: modulated self-attention, cross-attention, modulated FFN."""
+
+    def __init__(self, cfg: WanDiTConfig, rngs: nnx.Rngs):
+        pdt = _dtype(cfg.param_dtype)
+        self.eps = cfg.eps
+        self.modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 6, cfg.dim), pdt) / cfg.dim ** 0.5)
+        self.self_attn = SelfAttention(cfg, rngs)
+        self.norm3 = AffineLayerNorm(cfg.dim, cfg.eps, param_dtype=pdt) if cfg.cross_attn_norm else None
+        self.cross_attn = CrossAttention(cfg, rngs)
+        self.ffn = nnx.Sequential(_linear(cfg, cfg.dim, cfg.ffn_dim, rngs), _gelu_tanh,
+                                  _linear(cfg, cfg.ffn_dim, cfg.dim, rngs))
+
+    def __call__(self, x, e0, cross_k, cross_v, self_attend, attn_fn):
+        """One block.
+
+        Args:
+          x: [B, F, S, dim] residual stream (frames x tokens per frame).
+          e0: [B, F, 6, dim] time projection.
+          cross_k, cross_v: [B, Lc, H, D] precomputed cross-attention keys/values.
+          self_attend: ``(SelfAttention, h [B, L, dim]) -> [B, L, dim]`` (mask or KV-cache mode).
+          attn_fn: attention function (unmasked) used for cross-attention.
+        """
+        b, f, s, dim = x.shape
+        mod = self.modulation[...].astype(e0.dtype)[:, None] + e0  # [B, F, 6, dim]
+        m = [mod[:, :, i][:, :, None, :] for i in range(6)]  # each [B, F, 1, dim]
+        h = (layer_norm(x, self.eps) * (1 + m[1]) + m[0]).reshape(b, f * s, dim)
+        y = self_attend(self.self_attn, h).reshape(b, f, s, dim)
+        x = x + y * m[2]
+        xt = x.reshape(b, f * s, dim)
+        xn = self.norm3(xt) if self.norm3 is not None else xt
+        q = self.cross_attn.project_q(xn)
+        cross = self.cross_attn.output(attn_fn(q, cross_k, cross_v))
+        x = x + cross.reshape(b, f, s, dim)
+        h = (layer_norm(x, self.eps) * (1 + m[4]) + m[3]).reshape(b, f * s, dim)
+        y = self.ffn(h).reshape(b, f, s, dim)
+        return x + y * m[5]
+
+
+class CausalHead(nnx.Module):
+    """Output head: per-frame modulation from ``e`` (not ``e0``): shift, scale; then a Linear."""
+
+    def __init__(self, cfg: WanDiTConfig, rngs: nnx.Rngs):
+        pdt = _dtype(cfg.param_dtype)
+        self.eps = cfg.eps
+        self.modulation = nnx.Param(jax.random.normal(rngs.params(), (1, 2, cfg.dim), pdt) / cfg.dim ** 0.5)
+        self.head = _linear(cfg, cfg.dim, cfg.patch_features * cfg.out_dim, rngs)
+
+    def __call__(self, x, e):
+        """x [B, F, S, dim], e [B, F, dim] -> [B, F*S, prod(patch)*out_dim]."""
+        b, f, s, dim = x.shape
+        mod = self.modulation[...].astype(e.dtype)[:, None] + e[:, :, None, :]  # [B, F, 2, dim]
+        shift, scale = mod[:, :, 0][:, :, None], mod[:, :, 1][:, :, None]
+        return self.head((layer_norm(x, self.eps) * (1 + scale) + shift).reshape(b, f * s, dim))
+
+
+def patchify(x: jax.Array, patch_size) -> jax.Array:
+    """[B, F, C, H, W] -> tokens [B, F'*H'*W', C*pt*ph*pw] (features ordered c, pt, ph, pw)."""
+    pt, ph, pw = patch_size
+    return einops.rearrange(x, "b (f pt) c (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: jax.Array, grid, patch_size, out_dim: int) -> jax.Array:
+    """Head output [B, L, pt*ph*pw*C] (c fastest) -> [B, F, C, H, W]."""
+    f, h, w = grid
+    pt, ph, pw = patch_size
+    return einops.rearrange(tokens, "b (f h w) (pt ph pw c) -> b (f pt) c (h ph) (w pw)",
+                            f=f, h=h, w=w, pt=pt, ph=ph, pw=pw, c=out_dim)
+
+
+class CausalWanModel(nnx.Module):
+    """Self-Forcing CausalWanModel (T2V) in Flax NNX. See the module docstring for layouts."""
+
+    def __init__(self, config: WanDiTConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        self.config = cfg
+        self.patch_embedding = _linear(cfg, cfg.in_dim * cfg.patch_features, cfg.dim, rngs)
+        self.text_embedding = nnx.Sequential(_linear(cfg, cfg.text_dim, cfg.dim, rngs), _gelu_tanh,
+                                             _linear(cfg, cfg.dim, cfg.dim, rngs))
+        self.time_embedding = nnx.Sequential(_linear(cfg, cfg.freq_dim, cfg.dim, rngs), jax.nn.silu,
+                                             _linear(cfg, cfg.dim, cfg.dim, rngs))
+        self.time_projection = nnx.Sequential(jax.nn.silu, _linear(cfg, cfg.dim, 6 * cfg.dim, rngs))
+        self.blocks = nnx.List([CausalWanBlock(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.head = CausalHead(cfg, rngs)
+
+    # -------------------------------------------------------------------------------- helpers
+    @property
+    def _attn(self):
+        return get_attention(self.config.attention)
+
+    def _grid(self, x: jax.Array) -> tuple[int, int, int]:
+        cfg = self.config
+        if x.ndim != 5 or x.shape[2] != cfg.in_dim:
+            raise ValueError(f"latents must be [B, F, C={cfg.in_dim}, H, W], got {x.shape}")
+        _, f, _, h, w = x.shape
+        pt, ph, pw = cfg.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent [F, H, W] = {(f, h, w)} is not a multiple of patch_size {cfg.patch_size}")
+        return f // pt, h // ph, w // pw
+
+    def embed_text(self, context: jax.Array) -> jax.Array:
+        """[B, Lc, text_dim] -> [B, text_len, dim]; rows past Lc are zero-padded before the MLP."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"context must be [B, L, text_dim={cfg.text_dim}], got {context.shape}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens, more than text_len={cfg.text_len}")
+        pad = cfg.text_len - context.shape[1]
+        context = jnp.pad(context.astype(_dtype(cfg.dtype)), ((0, 0), (0, pad), (0, 0)))
+        return self.text_embedding(context)
+
+    def embed_time(self, t: jax.Array):
+        """t [B, F] -> (e [B, F, dim], e0 [B, F, 6, dim]); sinusoid in float32 (high precision)."""
+        cfg = self.config
+        s = sinusoidal_embedding(t, cfg.freq_dim).astype(_dtype(cfg.dtype))
+        e = self.time_embedding(s)
+        e0 = self.time_projection(e).reshape(*t.shape, 6, cfg.dim)
+        return e, e0
+
+    def cross_kv(self, context: jax.Array) -> kvc.CrossKV:
+        """Text context [B, Lc, text_dim] -> per-layer cross-attention K/V (computed once per video)."""
+        ctx = self.embed_text(context)
+        ks, vs = zip(*(blk.cross_attn.project_kv(ctx) for blk in self.blocks))
+        return kvc.CrossKV(k=tuple(ks), v=tuple(vs))
+
+    def _check_t(self, t, grid):
+        if t.ndim != 2 or t.shape[1] != grid[0]:
+            raise ValueError(f"timesteps must be [B, F'={grid[0]}] (one per patched frame), got {t.shape}")
+
+    def _run(self, x, t, cross: kvc.CrossKV, attend, taps):
+        cfg = self.config
+        grid = self._grid(x)
+        self._check_t(t, grid)
+        b = x.shape[0]
+        tokens = self.patch_embedding(patchify(x.astype(_dtype(cfg.dtype)), cfg.patch_size))
+        e, e0 = self.embed_time(t)
+        if taps is not None:
+            taps.update(patch_tokens=tokens, time_embedding=e, time_projection=e0)
+            taps["block_out"] = []
+        h = tokens.reshape(b, grid[0], grid[1] * grid[2], cfg.dim)
+        attn_fn, prec = self._attn, _precision(cfg)
+
+        def cross_attend(q, k, v):
+            return attn_fn(q, k, v, precision=prec)
+
+        for i, blk in enumerate(self.blocks):
+            h = blk(h, e0, cross.k[i], cross.v[i], lambda attn, hx, i=i: attend(i, attn, hx), cross_attend)
+            if taps is not None:
+                taps["block_out"].append(h.reshape(b, -1, cfg.dim))
+        out = self.head(h, e)
+        if taps is not None:
+            taps["head_out"] = out
+        return unpatchify(out, grid, cfg.patch_size, cfg.out_dim)
+
+    # ---------------------------------------------------------------------------- training path
+    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, *, taps: dict | None = None,
+                 attn_mask=None) -> jax.Array:
+        """Training path over the whole sequence with the block-causal mask.
+
+        Args:
+          x: noisy latents [B, F, C, H, W].
+          t: per-frame float timesteps [B, F] (F counted after temporal patching).
+          context: text embeddings [B, Lc, text_dim], Lc <= text_len (zero rows are *not* masked).
+          taps: optional dict filled with intermediate activations (patch_tokens, time_embedding,
+            time_projection, text_embedding, block_out list, head_out) for parity checks.
+          attn_mask: optional bool [L, L] token mask replacing the block-causal one (True = attend).
+
+        Returns:
+          flow prediction [B, F, C, H, W] in the compute dtype.
+        """
+        cfg = self.config
+        grid = self._grid(x)
+        fsl = grid[1] * grid[2]
+        if attn_mask is None:
+            attn_mask = block_causal_mask(grid[0], fsl, cfg.num_frame_per_block, cfg.local_attn_size)
+        mask = jnp.asarray(attn_mask, bool)
+        cos, sin = rope_cos_sin(grid, 0, cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)
+        ctx = self.embed_text(context)
+        if taps is not None:
+            taps["text_embedding"] = ctx
+        ks, vs = zip(*(blk.cross_attn.project_kv(ctx) for blk in self.blocks))
+        attn_fn, prec = self._attn, _precision(cfg)
+
+        def attend(_, attn: SelfAttention, h):
+            q = apply_rope(attn.project_q(h), cos, sin)
+            k, v = attn.project_kv(h)
+            return attn.output(attn_fn(q, apply_rope(k, cos, sin), v, mask=mask, precision=prec))
+
+        return self._run(x, t, kvc.CrossKV(ks, vs), attend, taps)
+
+    # --------------------------------------------------------------------------- inference path
+    def init_cache(self, batch: int, num_frames: int, frame_seq_length: int, dtype=None) -> kvc.KVCache:
+        """Empty self-attention cache sized for ``num_frames`` latent frames (or the local window)."""
+        cfg = self.config
+        if num_frames > cfg.rope_max_positions:
+            raise ValueError(f"{num_frames} frames exceed the RoPE table ({cfg.rope_max_positions} positions)")
+        length = kvc.cache_len_tokens(cfg.local_attn_size, num_frames, frame_seq_length)
+        return kvc.init_kv_cache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim,
+                                 dtype or _dtype(cfg.dtype))
+
+    def forward_chunk(self, x: jax.Array, t: jax.Array, cross: kvc.CrossKV, cache: kvc.KVCache,
+                      current_start: jax.Array | int) -> tuple[jax.Array, kvc.KVCache]:
+        """One inference call on a chunk of new frames, attending (and updating) the KV cache.
+
+        Args:
+          x: [B, Fc, C, H, W] latents of the chunk; t: [B, Fc] timesteps.
+          cross: cross-attention K/V from :meth:`cross_kv`.
+          cache: self-attention cache; ``current_start``: absolute index of the chunk's first token
+            (int32 scalar, may be traced).
+
+        Returns:
+          ``(flow [B, Fc, C, H, W], updated cache)``. RoPE uses absolute frame positions
+          ``current_start // frame_seq_length + f``.
+        """
+        cfg = self.config
+        grid = self._grid(x)
+        fsl = grid[1] * grid[2]
+        current_start = jnp.asarray(current_start, jnp.int32)
+        cos, sin = rope_cos_sin(grid, current_start // fsl, cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)
+        attn_fn, prec = self._attn, _precision(cfg)
+        new_k, new_v, new_local = list(cache.k), list(cache.v), [cache.local_end]
+
+        def attend(i, attn: SelfAttention, h):
+            q = apply_rope(attn.project_q(h), cos, sin)
+            k, v = attn.project_kv(h)
+            kc, vc, local_end = kvc.advance_layer_cache(
+                cache.k[i], cache.v[i], apply_rope(k, cos, sin), v, global_end=cache.global_end,
+                local_end=cache.local_end, current_start=current_start, local_attn_size=cfg.local_attn_size,
+                sink_tokens=cfg.sink_size * fsl)
+            new_k[i], new_v[i] = kc, vc
+            new_local[0] = local_end
+            out = attn_fn(q, kc.astype(q.dtype), vc.astype(q.dtype), kv_len=local_end, precision=prec)
+            return attn.output(out)
+
+        flow = self._run(x, t, cross, attend, None)
+        current_end = current_start + grid[0] * fsl
+        new_cache = kvc.KVCache(k=tuple(new_k), v=tuple(new_v), global_end=current_end.astype(jnp.int32),
+                                local_end=new_local[0])
+        return flow, new_cache

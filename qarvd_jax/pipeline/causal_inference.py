@@ -1,0 +1,181 @@
+"""Chunked causal inference of Self-Forcing (CausalInferencePipeline) in JAX.
+
+Per chunk of ``num_frame_per_block`` latent frames, one jit-compiled function runs every model call
+of the chunk as a ``lax.scan`` over ``S + 1`` passes with a single traced model call:
+
+* pass 0 denoises the chunk's initial noise at ``tau_0``;
+* pass s (1..S-1) re-noises the previous x0 prediction to ``tau_s`` with a fresh draw;
+* pass S is the context pass: the final x0 at ``context_noise`` (no noise added) only to
+  overwrite the chunk's KV-cache slots with clean keys/values.
+
+The same compiled chunk function serves every chunk (``current_start`` is traced, the KV cache is
+a fixed-size pytree, donated). Re-noising draws come from ``jax.random`` keys derived from the seed,
+or are replayed from recorded arrays (parity with the PyTorch pipeline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qarvd_jax.models.wan.kv_cache import CrossKV, KVCache
+from qarvd_jax.models.wan.model import CausalWanModel
+from qarvd_jax.pipeline import scheduler as sch
+
+__all__ = ["InferenceConfig", "ChunkRecord", "CausalInferencePipeline"]
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Sampler settings (defaults: Self-Forcing DMD, ``self_forcing_dmd.yaml``)."""
+
+    denoising_step_list: tuple[int, ...] = (1000, 750, 500, 250)
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    num_train_timesteps: int = 1000
+    context_noise: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "denoising_step_list", tuple(int(s) for s in self.denoising_step_list))
+        if not self.denoising_step_list:
+            raise ValueError("denoising_step_list is empty")
+
+    def tables(self) -> sch.FlowMatchTables:
+        return sch.flow_match_tables(self.timestep_shift, self.num_train_timesteps)
+
+    def timesteps(self) -> np.ndarray:
+        return sch.denoising_timesteps(self.denoising_step_list, self.tables(), self.warp_denoising_step)
+
+
+@dataclass
+class ChunkRecord:
+    """Everything one chunk produced (device arrays; pass index first).
+
+    ``inputs``/``flows``/``x0s`` are ``[S+1, B, Fc, C, H, W]``: S denoising passes then the context
+    pass. ``output`` is the chunk's latent (``x0s[S-1]``).
+    """
+
+    index: int
+    output: jax.Array
+    inputs: jax.Array
+    flows: jax.Array
+    x0s: jax.Array
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class CausalInferencePipeline:
+    """Streaming text-to-latent sampler around a :class:`CausalWanModel`.
+
+    Args:
+      model: the DiT (its graph is split once; weights can be swapped per chunk with ``params_for_chunk``).
+      config: sampler settings.
+    """
+
+    def __init__(self, model: CausalWanModel, config: InferenceConfig | None = None):
+        self.model_config = model.config
+        self.config = config or InferenceConfig()
+        self.graphdef, self.params = nnx.split(model)
+        self._tables = self.config.tables()
+        self._timesteps = jnp.asarray(self.config.timesteps())
+        self.trace_count = 0  # number of times the chunk function was traced (compile-once check)
+        self._chunk_fn = jax.jit(self._chunk_impl, donate_argnames=("cache",))
+        self._cross_fn = jax.jit(self._cross_impl)
+
+    # ------------------------------------------------------------------------------ jitted pieces
+    def _cross_impl(self, params, context):
+        return nnx.merge(self.graphdef, params).cross_kv(context)
+
+    def _chunk_impl(self, params, noise, renoise, cross: CrossKV, cache: KVCache, current_start):
+        """noise [B, Fc, C, H, W]; renoise [S-1, B, Fc, C, H, W] -> (record arrays, cache)."""
+        self.trace_count += 1
+        model = nnx.merge(self.graphdef, params)
+        tables = self._tables
+        num_steps = self._timesteps.shape[0]
+        b, fc = noise.shape[:2]
+        taus = jnp.concatenate([self._timesteps, jnp.full((1,), self.config.context_noise, jnp.float32)])
+        eps = jnp.concatenate([jnp.zeros_like(noise)[None], renoise, jnp.zeros_like(noise)[None]])
+
+        def one_pass(carry, inp):
+            x0_prev, cache = carry
+            s, tau, eps_s = inp
+            renoised = sch.add_noise(x0_prev, eps_s, tau, tables)
+            x_in = jnp.where(s == 0, noise, jnp.where(s == num_steps, x0_prev, renoised)).astype(noise.dtype)
+            t = jnp.full((b, fc), tau, jnp.float32)
+            flow, cache = model.forward_chunk(x_in, t, cross, cache, current_start)
+            x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
+            x0_next = jnp.where(s == num_steps, x0_prev, x0)
+            return (x0_next, cache), (x_in, flow, x0)
+
+        init = (jnp.zeros_like(noise), cache)
+        (_, cache), (inputs, flows, x0s) = jax.lax.scan(
+            one_pass, init, (jnp.arange(num_steps + 1), taus, eps))
+        return inputs, flows, x0s, cache
+
+    # ------------------------------------------------------------------------------ public API
+    @property
+    def num_denoising_steps(self) -> int:
+        return int(self._timesteps.shape[0])
+
+    def cross_kv(self, prompt_embeds: jax.Array, params=None) -> CrossKV:
+        """Cross-attention K/V of ``prompt_embeds`` [B, Lc, text_dim], computed once per video."""
+        return self._cross_fn(self.params if params is None else params, prompt_embeds)
+
+    def stream(self, noise: jax.Array, prompt_embeds: jax.Array, *, seed: int | None = None,
+               renoise: jax.Array | np.ndarray | None = None, params_for_chunk=None,
+               cross_params=None) -> Iterator[ChunkRecord]:
+        """Generate chunk by chunk, yielding a :class:`ChunkRecord` as soon as each chunk is done.
+
+        Args:
+          noise: initial noise of the whole video [B, F, C, H, W] (F a multiple of the chunk size).
+          prompt_embeds: text-encoder output [B, Lc, text_dim].
+          seed: seed of the re-noising draws (``jax.random``; chunk c uses ``fold_in(key, c)``).
+          renoise: recorded draws ``[num_chunks, S-1, B, Fc, C, H, W]`` to replay instead (parity).
+          params_for_chunk: optional ``chunk_index -> params`` to run some chunks with other weights
+            (e.g. quantized); same structure, so nothing recompiles.
+          cross_params: params used for the cross-attention K/V (default: the model's).
+        """
+        cfg = self.model_config
+        noise = jnp.asarray(noise)
+        if noise.ndim != 5:
+            raise ValueError(f"noise must be [B, F, C, H, W], got {noise.shape}")
+        b, f, c, h, w = noise.shape
+        fc = cfg.num_frame_per_block
+        if f % fc:
+            raise ValueError(f"{f} latent frames is not a multiple of num_frame_per_block={fc}")
+        num_chunks = f // fc
+        if f > cfg.rope_max_positions:
+            raise ValueError(f"{f} latent frames exceed the RoPE table ({cfg.rope_max_positions} positions)")
+        fsl = cfg.frame_seq_length(h, w)
+        steps = self.num_denoising_steps
+        if renoise is not None:
+            renoise = jnp.asarray(renoise, noise.dtype)
+            want = (num_chunks, steps - 1, b, fc, c, h, w)
+            if renoise.shape != want:
+                raise ValueError(f"renoise has shape {renoise.shape}, expected {want}")
+        elif seed is None:
+            raise ValueError("pass either seed (fresh re-noising draws) or renoise (recorded draws)")
+        key = jax.random.key(seed) if renoise is None else None
+
+        cross = self.cross_kv(prompt_embeds, cross_params)
+        cache = nnx.merge(self.graphdef, self.params).init_cache(b, f, fsl, dtype=noise.dtype)
+        for ci in range(num_chunks):
+            chunk_noise = noise[:, ci * fc:(ci + 1) * fc]
+            if renoise is not None:
+                draws = renoise[ci]
+            else:
+                draws = jax.random.normal(jax.random.fold_in(key, ci), (steps - 1, b, fc, c, h, w), noise.dtype)
+            params = self.params if params_for_chunk is None else params_for_chunk(ci)
+            start = jnp.asarray(ci * fc * fsl, jnp.int32)
+            inputs, flows, x0s, cache = self._chunk_fn(params, chunk_noise, draws, cross, cache, start)
+            yield ChunkRecord(index=ci, output=x0s[steps - 1], inputs=inputs, flows=flows, x0s=x0s,
+                              extras={"cache": cache, "renoise": draws})
+
+    def generate(self, noise, prompt_embeds, **kwargs) -> jax.Array:
+        """Whole latent video [B, F, C, H, W]: the chunks of :meth:`stream` concatenated."""
+        return jnp.concatenate([rec.output for rec in self.stream(noise, prompt_embeds, **kwargs)], axis=1)
