@@ -13,7 +13,7 @@ import sys
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = ("convert", "parity")
+SUBCOMMANDS = ("convert", "parity", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError, NotImplementedError, ImportError) as e:
+    except (FileNotFoundError, FileExistsError, PermissionError, ValueError, NotImplementedError, ImportError) as e:
         print(f"qarvd {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

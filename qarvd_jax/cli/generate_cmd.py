@@ -1,0 +1,47 @@
+"""``qarvd generate --prompts FILE --out DIR``: text -> latents -> mp4 with the streaming pipeline."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate videos from prompts (built-in tiny model without checkpoints)",
+                       description="One mp4 per prompt (16 fps, VBench naming <prompt>-<i>.mp4), latents .npz and "
+                       "generation.json. Without --checkpoint/--t5/--vae/--tokenizer the built-in tiny model runs "
+                       "on CPU with random weights.")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", help="DiT checkpoint (.pt/.pth/.safetensors or Orbax folder)")
+    p.add_argument("--preset", help="DiT config preset for --checkpoint (default selfforcing_1_3b)")
+    p.add_argument("--t5", help="models_t5_umt5-xxl-enc-bf16.pth")
+    p.add_argument("--tokenizer", help="tokenizer.json of google/umt5-xxl (local path)")
+    p.add_argument("--vae", help="Wan2.1_VAE.pth")
+    p.add_argument("--quantized", help="quantized Orbax checkpoint from `qarvd quantize` (replaces --checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i")
+    p.add_argument("--num-frames", type=int, help="latent frames (21 -> 81 video frames; tiny default 6)")
+    p.add_argument("--height", type=int, help="pixels (default 480, tiny 64)")
+    p.add_argument("--width", type=int, help="pixels (default 832, tiny 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default bfloat16 (tiny: float32)")
+    p.add_argument("--embed-cache", help="prompt-embedding cache folder (default OUT/prompt_embeds_cache)")
+    p.add_argument("--skip-existing", action="store_true", help="keep videos already in OUT")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from qarvd_jax.pipeline.text_to_video import GenerateConfig, build_text_to_video, read_prompts
+
+    prompts = read_prompts(args.prompts)
+    cfg = GenerateConfig(seed=args.seed, num_frames=args.num_frames, height=args.height, width=args.width,
+                         dtype=args.dtype, checkpoint=args.checkpoint, preset=args.preset, t5=args.t5,
+                         tokenizer=args.tokenizer, vae=args.vae, embed_cache_dir=args.embed_cache,
+                         skip_existing=args.skip_existing)
+    dit = None
+    if args.quantized:
+        from qarvd_jax.quant.checkpoint import load_quantized_model
+
+        dit = load_quantized_model(args.quantized, dtype=args.dtype)
+    t2v, cfg = build_text_to_video(cfg, args.out, dit=dit)
+    manifest = t2v.run(prompts, args.out, seed=cfg.seed, num_frames=cfg.num_frames, height=cfg.height,
+                       width=cfg.width, skip_existing=cfg.skip_existing,
+                       settings={"checkpoint": cfg.checkpoint or "builtin-tiny", "quantized": args.quantized})
+    print(f"wrote {len(manifest['videos'])} videos to {args.out}/videos (latents in {args.out}/latents)")
+    return 0
