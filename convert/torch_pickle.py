@@ -23,6 +23,7 @@ import mmap
 import os
 import pickle
 import struct
+import weakref
 import zipfile
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
+    "release_pages",
     "CheckpointFormatError",
     "UnsafeCheckpointError",
     "load_torch_file",
@@ -171,6 +173,32 @@ def _stored_entry_offset(fileobj, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+# base address -> mmap of every file mapped by load_torch_file; weak, so a mapping is forgotten
+# when the last array viewing it dies
+_MAPPINGS: "weakref.WeakValueDictionary[int, mmap.mmap]" = weakref.WeakValueDictionary()
+
+
+def _base_address(mm: mmap.mmap) -> int:
+    return np.frombuffer(mm, np.uint8).__array_interface__["data"][0]
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the file pages under a memory-mapped tensor from this process's resident set.
+
+    Call it once a tensor has been copied/converted: the pages are clean (read-only file data),
+    so the kernel simply re-reads them if the tensor is touched again. No-op for other arrays.
+    """
+    ptr = arr.__array_interface__["data"][0]
+    for base, mm in list(_MAPPINGS.items()):
+        if base <= ptr < base + len(mm):
+            page = mmap.PAGESIZE
+            start = ((ptr - base) // page) * page
+            end = min(len(mm), ptr - base + arr.nbytes)
+            if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED") and end > start:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            return
+
+
 def load_torch_file(path: str | os.PathLike, *, mmap_storages: bool = True) -> Any:
     """Load a ``torch.save`` zip checkpoint without importing torch.
 
@@ -214,6 +242,7 @@ def load_torch_file(path: str | os.PathLike, *, mmap_storages: bool = True) -> A
         mapped = None
         if mmap_storages and os.path.getsize(path) > 0:
             mapped = mmap.mmap(raw_file.fileno(), 0, access=mmap.ACCESS_READ)
+            _MAPPINGS[_base_address(mapped)] = mapped
         cache: dict[str, np.ndarray] = {}
 
         def load_storage(storage_type: _StorageType, key: str, numel: int) -> np.ndarray:

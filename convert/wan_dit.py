@@ -30,8 +30,10 @@ from convert.state_dict_io import (
     write_safetensors_streaming,
     write_state_dict,
 )
+from convert.torch_pickle import release_pages
 from qarvd_jax.models.wan import params as wan_params
 from qarvd_jax.models.wan.config import WanDiTConfig
+from qarvd_jax.utils.orbax_io import is_orbax_dir, load_trees, save_trees
 
 __all__ = [
     "SourceLayout",
@@ -111,51 +113,26 @@ def read_dit_checkpoint(path: str | os.PathLike, *, prefer: str | None = None
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
-    return os.path.isdir(path) and os.path.isdir(os.path.join(path, "params"))
+    return is_orbax_dir(path, "params")
 
 
 def save_orbax(dst: str | os.PathLike, params: Mapping, cfg: WanDiTConfig, layout: SourceLayout | None = None,
                *, overwrite: bool = False, extra_metadata: Mapping[str, Any] | None = None) -> str:
     """Write Flax params + config (+ source layout) as an Orbax checkpoint directory, atomically."""
-    import orbax.checkpoint as ocp
-
     meta = {"format": ORBAX_FORMAT, "model_config": cfg.to_dict(),
             "source_layout": asdict(layout) if layout else None, **(extra_metadata or {})}
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        ckpt.save(tmp, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
-                                               metadata=ocp.args.JsonSave(meta)))
-        ckpt.close()
-    return os.fspath(dst)
-
-
-def _int_keys(tree):
-    """Orbax stores dict keys as strings; turn numeric ones back into list indices."""
-    if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
+    return save_trees(dst, {"params": params}, meta, overwrite=overwrite)
 
 
 def load_orbax(path: str | os.PathLike) -> tuple[dict, WanDiTConfig, dict]:
     """Read an Orbax DiT checkpoint as host numpy arrays: ``(params, config, metadata)``."""
-    import jax
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     if not is_orbax_checkpoint(path):
         raise CheckpointFormatError(f"{path}: not an Orbax checkpoint directory (no params/ folder)")
-    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    tree_meta = ckpt.metadata(path).item_metadata["params"]
-    tree_meta = getattr(tree_meta, "tree", tree_meta)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
-    out = ckpt.restore(path, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(restore_args=restore_args),
-                                                     metadata=ocp.args.JsonRestore()))
-    ckpt.close()
-    meta = out["metadata"]
-    if not isinstance(meta, Mapping) or meta.get("format") != ORBAX_FORMAT:
-        raise CheckpointFormatError(f"{path}: metadata format {meta.get('format') if isinstance(meta, Mapping) else meta!r}"
-                                    f" is not {ORBAX_FORMAT}")
-    return _int_keys(out["params"]), WanDiTConfig.from_dict(meta["model_config"]), dict(meta)
+    trees, meta = load_trees(path, ("params",))
+    if meta.get("format") != ORBAX_FORMAT:
+        raise CheckpointFormatError(f"{path}: metadata format {meta.get('format')!r} is not {ORBAX_FORMAT}")
+    return trees["params"], WanDiTConfig.from_dict(meta["model_config"]), meta
 
 
 def export_torch(params: Mapping, cfg: WanDiTConfig, dst: str | os.PathLike, layout: SourceLayout | None = None,
@@ -212,7 +189,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, config: WanDiTCon
         raise FileNotFoundError(f"source checkpoint not found: {src}")
     state, layout = read_dit_checkpoint(src, prefer=prefer)
     cfg = config or wan_params.infer_config_from_state_dict(state)
-    params = wan_params.torch_to_flax(state, cfg, source=src)
+    params = wan_params.torch_to_flax(state, cfg, source=src, release=release_pages)
+    del state
     if dst_is_file:
         return export_torch(params, cfg, dst, layout, overwrite=overwrite)
     return save_orbax(dst, params, cfg, layout, overwrite=overwrite)
@@ -229,7 +207,7 @@ def load_params(path: str | os.PathLike, config: WanDiTConfig | None = None, *, 
         return params, cfg
     state, _ = read_dit_checkpoint(path, prefer=prefer)
     cfg = config or wan_params.infer_config_from_state_dict(state)
-    return wan_params.torch_to_flax(state, cfg, source=os.fspath(path)), cfg
+    return wan_params.torch_to_flax(state, cfg, source=os.fspath(path), release=release_pages), cfg
 
 
 def _check_same_arch(want: WanDiTConfig, got: WanDiTConfig, path) -> None:

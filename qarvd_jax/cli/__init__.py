@@ -13,7 +13,7 @@ import sys
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = ("convert", "parity", "generate")
+SUBCOMMANDS = ("convert", "parity", "generate", "outliers", "sensitivity", "quantize", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        for noisy in ("absl", "orbax", "jax"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         ap.print_help()
         return 2

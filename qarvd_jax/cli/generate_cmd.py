@@ -36,9 +36,14 @@ def run(args) -> int:
                          skip_existing=args.skip_existing)
     dit = None
     if args.quantized:
-        from qarvd_jax.quant.checkpoint import load_quantized_model
+        import os
 
-        dit = load_quantized_model(args.quantized, dtype=args.dtype)
+        from qarvd_jax.quant.checkpoint import is_quantized_checkpoint, load_quantized_model
+
+        path = args.quantized
+        if not is_quantized_checkpoint(path) and is_quantized_checkpoint(os.path.join(path, "quantized")):
+            path = os.path.join(path, "quantized")  # the run folder of `qarvd quantize`
+        dit, _ = load_quantized_model(path, dtype=args.dtype)
     t2v, cfg = build_text_to_video(cfg, args.out, dit=dit)
     manifest = t2v.run(prompts, args.out, seed=cfg.seed, num_frames=cfg.num_frames, height=cfg.height,
                        width=cfg.width, skip_existing=cfg.skip_existing,

@@ -84,17 +84,22 @@ class CausalInferencePipeline:
         self._tables = self.config.tables()
         self._timesteps = jnp.asarray(self.config.timesteps())
         self.trace_count = 0  # number of times the chunk function was traced (compile-once check)
-        self._chunk_fn = jax.jit(self._chunk_impl, donate_argnames=("cache",))
-        self._cross_fn = jax.jit(self._cross_impl)
+        self._chunk_fn = jax.jit(self._chunk_impl, static_argnums=0, donate_argnames=("cache",))
+        self._cross_fn = jax.jit(self._cross_impl, static_argnums=0)
+        self.last_cross_intermediates: dict = {}
 
     # ------------------------------------------------------------------------------ jitted pieces
-    def _cross_impl(self, params, context):
-        return nnx.merge(self.graphdef, params).cross_kv(context)
+    def _cross_impl(self, graphdef, params, context):
+        model = nnx.merge(graphdef, params)
+        cross = model.cross_kv(context)
+        return cross, nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
 
-    def _chunk_impl(self, params, noise, renoise, cross: CrossKV, cache: KVCache, current_start):
-        """noise [B, Fc, C, H, W]; renoise [S-1, B, Fc, C, H, W] -> (record arrays, cache)."""
+    def _chunk_impl(self, graphdef, params, noise, renoise, cross: CrossKV, cache: KVCache, current_start):
+        """noise [B, Fc, C, H, W]; renoise [S-1, B, Fc, C, H, W] -> (record arrays, cache).
+
+        Intermediates sown by the model (``nnx.Intermediate``, e.g. calibration inputs) are popped
+        after every pass and returned stacked over passes."""
         self.trace_count += 1
-        model = nnx.merge(self.graphdef, params)
         tables = self._tables
         num_steps = self._timesteps.shape[0]
         b, fc = noise.shape[:2]
@@ -107,24 +112,34 @@ class CausalInferencePipeline:
             renoised = sch.add_noise(x0_prev, eps_s, tau, tables)
             x_in = jnp.where(s == 0, noise, jnp.where(s == num_steps, x0_prev, renoised)).astype(noise.dtype)
             t = jnp.full((b, fc), tau, jnp.float32)
+            model = nnx.merge(graphdef, params)  # merged inside the scan: sown values stay at this level
             flow, cache = model.forward_chunk(x_in, t, cross, cache, current_start)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
             x0_next = jnp.where(s == num_steps, x0_prev, x0)
-            return (x0_next, cache), (x_in, flow, x0)
+            inter = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+            return (x0_next, cache), (x_in, flow, x0, inter)
 
         init = (jnp.zeros_like(noise), cache)
-        (_, cache), (inputs, flows, x0s) = jax.lax.scan(
+        (_, cache), (inputs, flows, x0s, inter) = jax.lax.scan(
             one_pass, init, (jnp.arange(num_steps + 1), taus, eps))
-        return inputs, flows, x0s, cache
+        return inputs, flows, x0s, inter, cache
 
     # ------------------------------------------------------------------------------ public API
     @property
     def num_denoising_steps(self) -> int:
         return int(self._timesteps.shape[0])
 
-    def cross_kv(self, prompt_embeds: jax.Array, params=None) -> CrossKV:
-        """Cross-attention K/V of ``prompt_embeds`` [B, Lc, text_dim], computed once per video."""
-        return self._cross_fn(self.params if params is None else params, prompt_embeds)
+    def cross_kv(self, prompt_embeds: jax.Array, params=None, graphdef=None) -> CrossKV:
+        """Cross-attention K/V of ``prompt_embeds`` [B, Lc, text_dim], computed once per video.
+
+        Intermediates sown on the way are kept in ``self.last_cross_intermediates``."""
+        cross, self.last_cross_intermediates = self._cross_fn(graphdef or self.graphdef,
+                                                              self.params if params is None else params, prompt_embeds)
+        return cross
+
+    def set_model(self, model: CausalWanModel) -> None:
+        """Use another model (same config) from now on, e.g. after quantizing it in place."""
+        self.graphdef, self.params = nnx.split(model)
 
     def stream(self, noise: jax.Array, prompt_embeds: jax.Array, *, seed: int | None = None,
                renoise: jax.Array | np.ndarray | None = None, params_for_chunk=None,
@@ -136,9 +151,12 @@ class CausalInferencePipeline:
           prompt_embeds: text-encoder output [B, Lc, text_dim].
           seed: seed of the re-noising draws (``jax.random``; chunk c uses ``fold_in(key, c)``).
           renoise: recorded draws ``[num_chunks, S-1, B, Fc, C, H, W]`` to replay instead (parity).
-          params_for_chunk: optional ``chunk_index -> params`` to run some chunks with other weights
-            (e.g. quantized); same structure, so nothing recompiles.
+          params_for_chunk: optional ``chunk_index -> params`` (or ``(graphdef, params)``) to run some
+            chunks with other state, e.g. quantization flags on; same graph, so nothing recompiles.
           cross_params: params used for the cross-attention K/V (default: the model's).
+
+        Each record's ``extras`` holds ``cache`` (valid until the next chunk is generated: it is
+        donated), ``renoise`` and ``intermediates`` (values sown by the model, stacked over passes).
         """
         cfg = self.model_config
         noise = jnp.asarray(noise)
@@ -170,11 +188,15 @@ class CausalInferencePipeline:
                 draws = renoise[ci]
             else:
                 draws = jax.random.normal(jax.random.fold_in(key, ci), (steps - 1, b, fc, c, h, w), noise.dtype)
-            params = self.params if params_for_chunk is None else params_for_chunk(ci)
+            graphdef, params = self.graphdef, self.params
+            if params_for_chunk is not None:
+                chosen = params_for_chunk(ci)
+                graphdef, params = chosen if isinstance(chosen, tuple) else (graphdef, chosen)
             start = jnp.asarray(ci * fc * fsl, jnp.int32)
-            inputs, flows, x0s, cache = self._chunk_fn(params, chunk_noise, draws, cross, cache, start)
+            inputs, flows, x0s, inter, cache = self._chunk_fn(graphdef, params, chunk_noise, draws, cross, cache,
+                                                              start)
             yield ChunkRecord(index=ci, output=x0s[steps - 1], inputs=inputs, flows=flows, x0s=x0s,
-                              extras={"cache": cache, "renoise": draws})
+                              extras={"cache": cache, "renoise": draws, "intermediates": inter})
 
     def generate(self, noise, prompt_embeds, **kwargs) -> jax.Array:
         """Whole latent video [B, F, C, H, W]: the chunks of :meth:`stream` concatenated."""

@@ -86,7 +86,9 @@ def write_video(path: str, frames: np.ndarray, fps: int = FPS) -> None:
 
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    with atomic_output(path, overwrite=True) as tmp:
+    with atomic_output(path, overwrite=True) as tmp, warnings.catch_warnings():
+        # imageio-ffmpeg runs ffmpeg in a subprocess; the fork happens before any JAX work in the child
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         tmp_mp4 = tmp + ".mp4"
         with imageio.get_writer(tmp_mp4, fps=fps, codec="libx264", macro_block_size=1,
                                 ffmpeg_log_level="error", output_params=["-pix_fmt", "yuv420p"]) as w:

@@ -18,7 +18,7 @@ Every transform is a pure transpose/reshape, so PyTorch -> Flax -> PyTorch is bi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,11 +120,14 @@ def _get(tree: Mapping, path: tuple):
     return node
 
 
-def torch_to_flax(state: Mapping[str, np.ndarray], cfg: WanDiTConfig, *, source: str = "state dict") -> dict:
+def torch_to_flax(state: Mapping[str, np.ndarray], cfg: WanDiTConfig, *, source: str = "state dict",
+                  release: Callable[[np.ndarray], None] | None = None) -> dict:
     """Map a flat PyTorch state dict (no ``model.`` prefix) to the nested Flax param dict.
 
     Dtypes are kept (the caller casts). Raises ValueError naming every missing key, unexpected key
     and shape that contradicts ``cfg`` (all problems at once), and for unsupported dtypes.
+    ``release(src)``, if given, is called on each source tensor once it has been copied (e.g. to
+    drop memory-mapped pages), so converting holds about one copy of the weights.
     """
     specs = param_specs(cfg)
     expected = {s.torch_key for s in specs}
@@ -148,7 +151,13 @@ def torch_to_flax(state: Mapping[str, np.ndarray], cfg: WanDiTConfig, *, source:
         raise ValueError(f"{source} does not match the CausalWanModel config: " + "; ".join(problems))
     out: dict = {}
     for s in specs:
-        _set(out, s.flax_path, _to_flax(state[s.torch_key], s))
+        src = state[s.torch_key]
+        arr = _to_flax(src, s)
+        if release is not None:
+            if np.may_share_memory(arr, src):
+                arr = arr.copy()
+            release(src)
+        _set(out, s.flax_path, arr)
     return out
 
 

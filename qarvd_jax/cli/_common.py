@@ -1,0 +1,46 @@
+"""Arguments shared by the workflow subcommands (model stack, geometry, prompts, Q-ARVD config)."""
+
+from __future__ import annotations
+
+
+def add_model_args(p) -> None:
+    g = p.add_argument_group("models (omit all for the built-in tiny model)")
+    g.add_argument("--checkpoint", help="DiT checkpoint (.pt/.pth/.safetensors or Orbax folder)")
+    g.add_argument("--preset", help="DiT config preset for --checkpoint (default selfforcing_1_3b)")
+    g.add_argument("--t5", help="models_t5_umt5-xxl-enc-bf16.pth")
+    g.add_argument("--tokenizer", help="tokenizer.json of google/umt5-xxl")
+    g.add_argument("--vae", help="Wan2.1_VAE.pth")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g.add_argument("--num-frames", type=int, help="latent frames (default 21; tiny 6)")
+    g.add_argument("--height", type=int, help="pixels (default 480; tiny 64)")
+    g.add_argument("--width", type=int, help="pixels (default 832; tiny 64)")
+    g.add_argument("--embed-cache", help="prompt-embedding cache folder")
+    p.add_argument("--prompts", help="prompt file, one per line (default: built-in demo prompts)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_qarvd_config_args(p) -> None:
+    p.add_argument("--config", help="Q-ARVD YAML config (configs/qarvd_w4a8.yaml); fields as QARVDConfig")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. w_bits=8 iters=500")
+
+
+def generate_config(args):
+    from qarvd_jax.pipeline.text_to_video import GenerateConfig
+
+    return GenerateConfig(seed=args.seed, num_frames=args.num_frames, height=args.height, width=args.width,
+                          dtype=args.dtype, checkpoint=args.checkpoint, preset=args.preset, t5=args.t5,
+                          tokenizer=args.tokenizer, vae=args.vae, embed_cache_dir=args.embed_cache)
+
+
+def prompts(args) -> list[str]:
+    from qarvd_jax.pipeline.text_to_video import read_prompts
+    from qarvd_jax.workflow import DEMO_PROMPTS
+
+    return read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
+
+
+def qarvd_config(args):
+    from qarvd_jax.config import load_config
+    from qarvd_jax.quant.recipe import QARVDConfig
+
+    return load_config(QARVDConfig, args.config, args.overrides)

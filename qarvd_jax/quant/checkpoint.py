@@ -1,0 +1,85 @@
+"""Orbax checkpoints of quantized DiTs: weights (``nnx.Param``), quantizer state (``QuantState``) and
+metadata (model config, per-layer quantization configs, recipe, sensitivity), restored unchanged."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qarvd_jax.models.wan.config import WanDiTConfig
+from qarvd_jax.quant.qlinear import QuantState, install_layers, iter_quant_layers
+from qarvd_jax.quant.recipe import LayerQuantConfig
+from qarvd_jax.utils.orbax_io import is_orbax_dir, load_trees, save_trees
+
+__all__ = ["QUANT_FORMAT", "save_quantized", "load_quantized_model", "is_quantized_checkpoint"]
+
+QUANT_FORMAT = "qarvd-jax/quantized-wan-dit/v1"
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def save_quantized(dst: str | os.PathLike, model: nnx.Module, *, metadata: Mapping[str, Any] | None = None,
+                   overwrite: bool = False) -> str:
+    """Save a quantized CausalWanModel (params + QuantState + layer configs) as an Orbax directory."""
+    layers = {name: layer.cfg.to_dict() for name, layer in iter_quant_layers(model)}
+    if not layers:
+        raise ValueError("the model has no quantized layers; quantize it before saving")
+    meta = {"format": QUANT_FORMAT, "model_config": model.config.to_dict(), "layers": layers, **(metadata or {})}
+    params = _host(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    quant = _host(nnx.to_pure_dict(nnx.state(model, QuantState)))
+    return save_trees(dst, {"params": params, "quant": quant}, meta, overwrite=overwrite)
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    return is_orbax_dir(path, "quant")
+
+
+def load_quantized_model(path: str | os.PathLike, dtype: str | None = None):
+    """Rebuild the quantized model saved by :func:`save_quantized`.
+
+    ``dtype`` overrides the model's param/compute dtype (e.g. bfloat16 for inference); the quantizer
+    state stays float32. Returns ``(model, metadata)``.
+    """
+    from qarvd_jax.models.wan.model import CausalWanModel
+
+    path = os.fspath(path)
+    if not is_quantized_checkpoint(path):
+        raise ValueError(f"{path}: not a quantized checkpoint (no quant/ item); produce one with `qarvd quantize`")
+    trees, meta = load_trees(path, ("params", "quant"))
+    if meta.get("format") != QUANT_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {QUANT_FORMAT}")
+    cfg = WanDiTConfig.from_dict(meta["model_config"])
+    if dtype:
+        cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    layers = {n: LayerQuantConfig.from_dict(d) for n, d in meta["layers"].items()}
+    model = nnx.eval_shape(lambda: CausalWanModel(cfg, rngs=nnx.Rngs(0)))
+    placeholders = {n: np.arange(c.n_outlier) for n, c in layers.items() if c.n_outlier}
+    install_layers(model, layers, placeholders)
+    for collection, tree, cast in ((nnx.Param, trees["params"], jnp.dtype(cfg.param_dtype)),
+                                   (QuantState, trees["quant"], None)):
+        state = nnx.state(model, collection)
+        want = nnx.to_pure_dict(state)
+
+        def load(p, ref, tree=tree, cast=cast):
+            node = tree
+            for k in p:
+                key = getattr(k, "key", getattr(k, "idx", None))
+                if key not in node:
+                    raise ValueError(f"{path}: checkpoint lacks {jax.tree_util.keystr(p)}")
+                node = node[key]
+            arr = np.asarray(node)
+            if arr.shape != ref.shape:
+                raise ValueError(f"{path}: {jax.tree_util.keystr(p)} has shape {arr.shape}, expected {ref.shape}")
+            return jnp.asarray(arr, cast if cast is not None and arr.dtype.kind == "f" else arr.dtype)
+
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(load, want))
+        nnx.update(model, state)
+    return model, meta
