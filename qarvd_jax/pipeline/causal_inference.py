@@ -91,8 +91,8 @@ class CausalInferencePipeline:
     # ------------------------------------------------------------------------------ jitted pieces
     def _cross_impl(self, graphdef, params, context):
         model = nnx.merge(graphdef, params)
-        cross = model.cross_kv(context)
-        return cross, nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
+        cross, inter = nnx.capture(lambda m: m.cross_kv(context), nnx.Intermediate)(model)
+        return cross, nnx.to_pure_dict(inter)
 
     def _chunk_impl(self, graphdef, params, noise, renoise, cross: CrossKV, cache: KVCache, current_start):
         """noise [B, Fc, C, H, W]; renoise [S-1, B, Fc, C, H, W] -> (record arrays, cache).
@@ -113,11 +113,11 @@ class CausalInferencePipeline:
             x_in = jnp.where(s == 0, noise, jnp.where(s == num_steps, x0_prev, renoised)).astype(noise.dtype)
             t = jnp.full((b, fc), tau, jnp.float32)
             model = nnx.merge(graphdef, params)  # merged inside the scan: sown values stay at this level
-            flow, cache = model.forward_chunk(x_in, t, cross, cache, current_start)
+            (flow, cache), inter = nnx.capture(
+                lambda m: m.forward_chunk(x_in, t, cross, cache, current_start), nnx.Intermediate)(model)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
             x0_next = jnp.where(s == num_steps, x0_prev, x0)
-            inter = nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate))
-            return (x0_next, cache), (x_in, flow, x0, inter)
+            return (x0_next, cache), (x_in, flow, x0, nnx.to_pure_dict(inter))
 
         init = (jnp.zeros_like(noise), cache)
         (_, cache), (inputs, flows, x0s, inter) = jax.lax.scan(

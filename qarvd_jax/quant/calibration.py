@@ -168,10 +168,12 @@ def _sample_weights(name: str, layer_cfg: LayerQuantConfig, chunks: list[int], o
     return omega[ids]
 
 
-def calibrate_activations(model: nnx.Module, data: CalibrationData, cfg: QARVDConfig, omega=None) -> None:
-    """Fit every activation quantizer (per group) on the recorded inputs, chunk-weighted by ``omega``."""
+def calibrate_activations(model: nnx.Module, data: CalibrationData, cfg: QARVDConfig, omega=None,
+                          names=None) -> None:
+    """Fit the activation quantizers (per group) of all (or ``names``) layers on the recorded inputs,
+    chunk-weighted by ``omega``."""
     for name, layer in tqdm(list(iter_quant_layers(model)), desc="activation ranges", leave=False):
-        if layer.cfg.a_spec is None:
+        if layer.cfg.a_spec is None or (names is not None and name not in names):
             continue
         if name not in data.samples:
             raise ValueError(f"no calibration inputs were recorded for {name}")
