@@ -220,11 +220,11 @@ def load_torch_file(path: str | os.PathLike, *, mmap_storages: bool = True) -> A
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
-        with open(path, "rb") as f:
-            magic = f.read(2)
-        hint = (" (this looks like a legacy non-zip torch.save file; re-save it with torch>=1.6)"
-                if magic == b"\x80\x02" else "")
-        raise CheckpointFormatError(f"{path}: not a PyTorch zip checkpoint ({e}){hint}") from e
+        from convert.torch_legacy import is_legacy_torch_file, load_legacy_torch_file
+
+        if is_legacy_torch_file(path):
+            return load_legacy_torch_file(path)
+        raise CheckpointFormatError(f"{path}: not a PyTorch zip checkpoint ({e})") from e
     with zf:
         names = zf.namelist()
         pkl_names = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]

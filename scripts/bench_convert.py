@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         out = subprocess.run(wrapper, check=True, capture_output=True, text=True).stdout.strip().splitlines()
         peak = int(out[-1]) / 2**20
         rows.append((name, peak, time.perf_counter() - t1))
-    print(f"| step | peak RSS (GiB) | x weights | seconds |\n|---|---|---|---|")
+    print("| step | peak RSS (GiB) | x weights | seconds |\n|---|---|---|---|")
     for name, peak, sec in rows:
         print(f"| {name} | {peak:.2f} | {peak / (nbytes / 2**30):.2f} | {sec:.0f} |")
     if not args.keep:

@@ -222,3 +222,17 @@ def test_cli_convert_both_directions(tmp_path, ckpt, capsys):
     assert cli_main(["convert", ckpt, str(tmp_path / "orb2"), "--num-heads", "4"]) == 0
     _, cfg, _ = load_orbax(tmp_path / "orb2")
     assert cfg.num_heads == 4 and cfg.dim == 64 and cfg.num_layers == 2
+
+
+def test_legacy_non_zip_torch_file(torch_files, tmp_path):
+    got = load_torch_file(f"{torch_files}/legacy_small.pt")
+    want = np.load(f"{torch_files}/legacy_small_expected.npz")
+    assert list(got) == ["lin.weight", "lin.weight_t", "lin.bias", "emb.bf16", "steps", "row"]
+    for k in want.files:
+        np.testing.assert_array_equal(np.asarray(got[k]).astype(want[k].dtype), want[k])
+    assert got["emb.bf16"].dtype == ml_dtypes.bfloat16 and got["steps"].dtype == np.int64
+    data = open(f"{torch_files}/legacy_small.pt", "rb").read()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[:-40])
+    with pytest.raises(CheckpointFormatError, match="truncated"):
+        load_torch_file(cut)

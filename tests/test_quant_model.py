@@ -9,7 +9,7 @@ from flax import nnx
 from qarvd_jax.models.wan.config import WanDiTConfig
 from qarvd_jax.models.wan.model import CausalWanModel
 from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
-from qarvd_jax.quant import QuantParams, QuantSpec, fake_quant
+from qarvd_jax.quant import QuantSpec
 from qarvd_jax.quant.calibration import (calibrate_activations, collect_inputs, init_weight_quantizers,
                                          prepare_quantized_model, reconstruct_layers, _reconstruct)
 from qarvd_jax.quant.checkpoint import load_quantized_model, save_quantized

@@ -146,7 +146,7 @@ def test_stream_continues_across_calls_and_frame_counts(model):
 
 
 def test_decode_chunk_compiles_once_per_chunk_shape(model):
-    jitted = getattr(vae_model._decode_chunk_jitted, "jitted_fn", None)
+    jitted = vae_model._decode_chunk_functional
     if not hasattr(jitted, "_cache_size"):
         pytest.skip("this jax/flax version does not expose the jit cache size")
     latent = jax.random.normal(jax.random.key(2), (1, 16, 4, 4, 6), jnp.float32)

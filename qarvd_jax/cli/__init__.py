@@ -13,7 +13,7 @@ import sys
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = ("convert", "parity", "generate", "outliers", "sensitivity", "quantize", "evaluate")
+SUBCOMMANDS = ("convert", "parity", "generate", "outliers", "sensitivity", "quantize", "export", "evaluate", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

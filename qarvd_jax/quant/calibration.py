@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from qarvd_jax.quant.adaround import AdaRoundConfig, hard_weight, init_v, rounding_loss
+from qarvd_jax.quant.adaround import hard_weight, init_v, rounding_loss
 from qarvd_jax.quant.fake_quant import QuantParams
 from qarvd_jax.quant.objective import reconstruction_loss
 from qarvd_jax.quant.outliers import detect_outliers

@@ -15,6 +15,7 @@ from flax import nnx
 from qarvd_jax.models.wan.config import WanDiTConfig
 from qarvd_jax.quant.qlinear import QuantState, install_layers, iter_quant_layers
 from qarvd_jax.quant.recipe import LayerQuantConfig
+from qarvd_jax.utils.nnx_io import load_variables
 from qarvd_jax.utils.orbax_io import is_orbax_dir, load_trees, save_trees
 
 __all__ = ["QUANT_FORMAT", "save_quantized", "load_quantized_model", "is_quantized_checkpoint"]
@@ -63,23 +64,6 @@ def load_quantized_model(path: str | os.PathLike, dtype: str | None = None):
     model = nnx.eval_shape(lambda: CausalWanModel(cfg, rngs=nnx.Rngs(0)))
     placeholders = {n: np.arange(c.n_outlier) for n, c in layers.items() if c.n_outlier}
     install_layers(model, layers, placeholders)
-    for collection, tree, cast in ((nnx.Param, trees["params"], jnp.dtype(cfg.param_dtype)),
-                                   (QuantState, trees["quant"], None)):
-        state = nnx.state(model, collection)
-        want = nnx.to_pure_dict(state)
-
-        def load(p, ref, tree=tree, cast=cast):
-            node = tree
-            for k in p:
-                key = getattr(k, "key", getattr(k, "idx", None))
-                if key not in node:
-                    raise ValueError(f"{path}: checkpoint lacks {jax.tree_util.keystr(p)}")
-                node = node[key]
-            arr = np.asarray(node)
-            if arr.shape != ref.shape:
-                raise ValueError(f"{path}: {jax.tree_util.keystr(p)} has shape {arr.shape}, expected {ref.shape}")
-            return jnp.asarray(arr, cast if cast is not None and arr.dtype.kind == "f" else arr.dtype)
-
-        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(load, want))
-        nnx.update(model, state)
+    load_variables(model, nnx.Param, trees["params"], float_dtype=jnp.dtype(cfg.param_dtype), source=path)
+    load_variables(model, QuantState, trees["quant"], source=path)
     return model, meta

@@ -11,6 +11,7 @@ from flax import nnx
 
 from qarvd_jax.models.wan.config import WanDiTConfig
 from qarvd_jax.models.wan.model import CausalWanModel
+from qarvd_jax.utils.nnx_io import load_variables
 
 __all__ = ["abstract_model", "model_from_params", "model_params"]
 
@@ -26,24 +27,7 @@ def model_from_params(params: Mapping, cfg: WanDiTConfig) -> CausalWanModel:
     Shapes are checked against the config; a mismatch raises ValueError naming the path.
     """
     model = abstract_model(cfg)
-    state = nnx.state(model, nnx.Param)
-    want = nnx.to_pure_dict(state)
-    dtype = jnp.dtype(cfg.param_dtype)
-
-    def load(path, ref):
-        node = params
-        for p in path:
-            key = p.key if hasattr(p, "key") else p.idx
-            if key not in node:
-                raise ValueError(f"params lack {jax.tree_util.keystr(path)}")
-            node = node[key]
-        arr = np.asarray(node)
-        if arr.shape != ref.shape:
-            raise ValueError(f"param {jax.tree_util.keystr(path)}: shape {arr.shape}, model expects {ref.shape}")
-        return jnp.asarray(arr, dtype=dtype)
-
-    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(load, want))
-    nnx.update(model, state)
+    load_variables(model, nnx.Param, params, float_dtype=jnp.dtype(cfg.param_dtype))
     return model
 
 

@@ -19,6 +19,8 @@ the cache (the last 2 frames of every causal conv input), whatever the video len
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -322,17 +324,20 @@ class WanVAE(nnx.Module):
         return jnp.swapaxes(self.encode(pixel).astype(jnp.float32), 1, 2)
 
 
-@nnx.jit
-def _decode_chunk_jitted(model: WanVAE, latent_chunk: jax.Array, cache: FeatureCache | None):
-    return model.decode_chunk(latent_chunk, cache)
+@functools.partial(jax.jit, static_argnums=0, donate_argnames=("cache",))
+def _decode_chunk_functional(graphdef, state, latent_chunk: jax.Array, cache: FeatureCache | None):
+    return nnx.merge(graphdef, state).decode_chunk(latent_chunk, cache)
 
 
 def decode_chunk_jit(model: WanVAE, latent_chunk: jax.Array, cache: FeatureCache | None = None
                      ) -> tuple[jax.Array, FeatureCache]:
     """Jitted :meth:`WanVAE.decode_chunk`. Compiles once per chunk shape and cache kind: a stream's
     first chunk (``cache=None``) compiles separately, later equal-size chunks reuse one executable.
-    Parameters are arguments, not constants, so the compiled code does not embed the weights."""
-    return _decode_chunk_jitted(model, latent_chunk, cache)
+    Parameters are arguments, not constants, so the compiled code does not embed the weights. The
+    model is split once per call (cheap ``jax.jit`` dispatch, not ``nnx.jit``) and the old cache is
+    donated, so only one feature cache is live at a time."""
+    graphdef, state = nnx.split(model)
+    return _decode_chunk_functional(graphdef, state, latent_chunk, cache)
 
 
 def decode_chunks(model: WanVAE, chunks: Sequence[jax.Array], cache: FeatureCache | None = None, *,
