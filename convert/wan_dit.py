@@ -166,6 +166,12 @@ def export_torch(params: Mapping, cfg: WanDiTConfig, dst: str | os.PathLike, lay
     raise CheckpointFormatError(f"{dst}: output must end in .safetensors or .pt/.pth")
 
 
+def _host_array(arr: np.ndarray):
+    import jax
+
+    return jax.device_put(arr, jax.devices("cpu")[0])
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, config: WanDiTConfig | None = None,
             overwrite: bool = False, prefer: str | None = None) -> str:
     """Convert between formats; the direction follows the file types.
@@ -189,7 +195,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, config: WanDiTCon
         raise FileNotFoundError(f"source checkpoint not found: {src}")
     state, layout = read_dit_checkpoint(src, prefer=prefer)
     cfg = config or wan_params.infer_config_from_state_dict(state)
-    params = wan_params.torch_to_flax(state, cfg, source=src, release=release_pages)
+    # each converted tensor becomes a host jax.Array at once: Orbax serialises those with one
+    # transient copy (numpy inputs cost two), so the conversion peaks near two copies of the weights
+    params = wan_params.torch_to_flax(state, cfg, source=src, release=release_pages, place=_host_array)
     del state
     if dst_is_file:
         return export_torch(params, cfg, dst, layout, overwrite=overwrite)

@@ -15,7 +15,11 @@ def register(sub) -> None:
     p.add_argument("--t5", help="models_t5_umt5-xxl-enc-bf16.pth")
     p.add_argument("--tokenizer", help="tokenizer.json of google/umt5-xxl (local path)")
     p.add_argument("--vae", help="Wan2.1_VAE.pth")
-    p.add_argument("--quantized", help="quantized Orbax checkpoint from `qarvd quantize` (replaces --checkpoint)")
+    p.add_argument("--quantized", help="quantized Orbax checkpoint from `qarvd quantize` (--backend fake), or an "
+                   "integer export from `qarvd export` (--backend xla|pallas); replaces --checkpoint")
+    p.add_argument("--backend", choices=["fake", "xla", "pallas"], default="fake",
+                   help="with --quantized: fake-quant float math (default), or the integer kernels via XLA or "
+                   "Pallas (TPU / Hopper GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i")
     p.add_argument("--num-frames", type=int, help="latent frames (21 -> 81 video frames; tiny default 6)")
     p.add_argument("--height", type=int, help="pixels (default 480, tiny 64)")
@@ -35,18 +39,23 @@ def run(args) -> int:
                          tokenizer=args.tokenizer, vae=args.vae, embed_cache_dir=args.embed_cache,
                          skip_existing=args.skip_existing)
     dit = None
-    if args.quantized:
-        import os
+    if args.backend != "fake" and not args.quantized:
+        raise ValueError(f"--backend {args.backend} needs --quantized EXPORT (from `qarvd export`)")
+    if args.quantized and args.backend == "fake":
+        from qarvd_jax.quant.checkpoint import load_quantized_model
+        from qarvd_jax.quant.integer.export import is_integer_export, resolve_quantized_checkpoint
 
-        from qarvd_jax.quant.checkpoint import is_quantized_checkpoint, load_quantized_model
+        if is_integer_export(args.quantized):
+            raise ValueError(f"{args.quantized} is an integer export: run it with --backend xla or pallas")
+        dit, _ = load_quantized_model(resolve_quantized_checkpoint(args.quantized), dtype=args.dtype)
+    elif args.quantized:
+        from qarvd_jax.quant.integer.int_linear import load_integer_model
 
-        path = args.quantized
-        if not is_quantized_checkpoint(path) and is_quantized_checkpoint(os.path.join(path, "quantized")):
-            path = os.path.join(path, "quantized")  # the run folder of `qarvd quantize`
-        dit, _ = load_quantized_model(path, dtype=args.dtype)
+        dit = load_integer_model(args.quantized, backend=args.backend, dtype=args.dtype)
     t2v, cfg = build_text_to_video(cfg, args.out, dit=dit)
     manifest = t2v.run(prompts, args.out, seed=cfg.seed, num_frames=cfg.num_frames, height=cfg.height,
                        width=cfg.width, skip_existing=cfg.skip_existing,
-                       settings={"checkpoint": cfg.checkpoint or "builtin-tiny", "quantized": args.quantized})
+                       settings={"checkpoint": cfg.checkpoint or "builtin-tiny", "quantized": args.quantized,
+                                 "backend": args.backend if args.quantized else None})
     print(f"wrote {len(manifest['videos'])} videos to {args.out}/videos (latents in {args.out}/latents)")
     return 0

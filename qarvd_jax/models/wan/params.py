@@ -121,13 +121,15 @@ def _get(tree: Mapping, path: tuple):
 
 
 def torch_to_flax(state: Mapping[str, np.ndarray], cfg: WanDiTConfig, *, source: str = "state dict",
-                  release: Callable[[np.ndarray], None] | None = None) -> dict:
+                  release: Callable[[np.ndarray], None] | None = None,
+                  place: Callable[[np.ndarray], object] | None = None) -> dict:
     """Map a flat PyTorch state dict (no ``model.`` prefix) to the nested Flax param dict.
 
     Dtypes are kept (the caller casts). Raises ValueError naming every missing key, unexpected key
     and shape that contradicts ``cfg`` (all problems at once), and for unsupported dtypes.
     ``release(src)``, if given, is called on each source tensor once it has been copied (e.g. to
-    drop memory-mapped pages), so converting holds about one copy of the weights.
+    drop memory-mapped pages), so converting holds about one copy of the weights; ``place(arr)``, if
+    given, turns each converted array into its final container (e.g. a host jax.Array) right away.
     """
     specs = param_specs(cfg)
     expected = {s.torch_key for s in specs}
@@ -157,7 +159,7 @@ def torch_to_flax(state: Mapping[str, np.ndarray], cfg: WanDiTConfig, *, source:
             if np.may_share_memory(arr, src):
                 arr = arr.copy()
             release(src)
-        _set(out, s.flax_path, arr)
+        _set(out, s.flax_path, arr if place is None else place(arr))
     return out
 
 

@@ -15,6 +15,7 @@ import tempfile
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from convert.state_dict_io import read_state_dict
 from convert.wan_dit import SourceLayout, export_torch, load_orbax, read_dit_checkpoint, save_orbax
@@ -72,6 +73,13 @@ def _roundtrip_reports(ckpt_path: str, cfg: WanDiTConfig, prefer: str | None) ->
                         0.0, ok, note)]
 
 
+@nnx.jit
+def _forward_with_taps(model, x, t, context):
+    taps: dict = {}
+    flow = model(x, t, context, taps=taps)
+    return flow, taps
+
+
 def _forward_reports(model, sampler: InferenceConfig, cfg: WanDiTConfig, f) -> list[ArrayReport]:
     tables = sampler.tables()
     reps = []
@@ -80,8 +88,7 @@ def _forward_reports(model, sampler: InferenceConfig, cfg: WanDiTConfig, f) -> l
     if "clean_latent" in f and "noise" in f:
         reps.append(compare("forward/noisy_latent (add_noise)", sch.add_noise(jnp.asarray(f["clean_latent"]),
                             jnp.asarray(f["noise"]), t, tables), f["noisy_latent"], atol=ATOL, rtol=RTOL))
-    taps: dict = {}
-    flow = model(x, t, jnp.asarray(f["prompt_embeds"]), taps=taps)
+    flow, taps = _forward_with_taps(model, x, t, jnp.asarray(f["prompt_embeds"]))
     reps.append(compare("forward/flow_pred", flow, f["flow_pred"], atol=ATOL, rtol=RTOL))
     if "pred_x0" in f:
         reps.append(compare("forward/pred_x0", sch.flow_to_x0(flow, x, t, tables), f["pred_x0"], atol=ATOL, rtol=RTOL))
