@@ -11,7 +11,6 @@ KV cache of 21 frames = 32760 tokens, 512 text tokens), attending a cache filled
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 
 import jax
@@ -19,14 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qarvd_jax.utils.bench import device_header, peak_device_memory
+
 from qarvd_jax.models.wan.config import PRESETS
 from qarvd_jax.models.wan.model import CausalWanModel
-
-
-def peak_memory_gb() -> str:
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return f"{peak / 2**30:.2f} GiB" if peak is not None else "n/a (backend reports no memory stats)"
 
 
 def main(argv=None) -> int:
@@ -74,15 +69,14 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t0)
     ms = 1e3 * float(np.median(times))
     tokens = args.batch * fc * fsl
-    print(f"date {datetime.date.today()}  jax {jax.__version__}  device {jax.devices()[0].device_kind} "
-          f"({jax.default_backend()})")
+    print(device_header())
     print(f"preset {args.preset}  dtype {args.dtype}  attention {args.attention}  batch {args.batch}  "
           f"chunk {fc}x{args.height}x{args.width} latents = {tokens} tokens  cache {cache.cache_len} tokens")
     print("| metric | value |\n|---|---|")
     print(f"| first call (compile + run) | {compile_s:.1f} s |")
     print(f"| ms per chunk forward (median of {args.iters}) | {ms:.2f} |")
     print(f"| tokens/s | {tokens / (ms / 1e3):,.0f} |")
-    print(f"| peak device memory | {peak_memory_gb()} |")
+    print(f"| peak device memory | {peak_device_memory()} |")
     return 0
 
 

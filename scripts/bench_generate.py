@@ -9,6 +9,7 @@ A first video compiles everything; the timed videos reuse the compiled functions
     python scripts/bench_generate.py                              # needs a GPU/TPU to be quick
     python scripts/bench_generate.py --preset tiny --num-frames 6 --height 64 --width 64 --videos 1
     python scripts/bench_generate.py --quantized RUN/quantized     # fake-quant model from `qarvd quantize`
+    python scripts/bench_generate.py --quantized RUN_INT --backend pallas   # integer export on the kernels
 
 The anchor (issue 3): the original PyTorch Self-Forcing reaches ~17 FPS on one H100.
 """
@@ -16,7 +17,6 @@ The anchor (issue 3): the original PyTorch Self-Forcing reaches ~17 FPS on one H
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 
 import jax
@@ -24,19 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qarvd_jax.utils.bench import device_header, peak_device_memory
+
 from qarvd_jax.models.wan.config import PRESETS
 from qarvd_jax.models.wan.model import CausalWanModel
 from qarvd_jax.models.wan_vae import WanVAE, WanVAEConfig, decode_chunks
 from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
 
 
-def peak_memory() -> str:
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    return f"{peak / 2**30:.2f} GiB" if peak is not None else "n/a (backend reports no memory stats)"
-
-
 def build_dit(args):
+    if args.quantized and args.backend != "fake":
+        from qarvd_jax.quant.integer import load_integer_model
+
+        return load_integer_model(args.quantized, args.backend, dtype=args.dtype)
     if args.quantized:
         from qarvd_jax.quant.checkpoint import load_quantized_model
 
@@ -66,7 +66,10 @@ def one_video(pipe, vae, noise, emb, seed, decode: bool):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="selfforcing_1_3b", choices=sorted(PRESETS))
-    ap.add_argument("--quantized", help="quantized checkpoint (fake-quant model) instead of a random FP DiT")
+    ap.add_argument("--quantized", help="quantized checkpoint (`qarvd quantize`) or integer export (`qarvd export`) "
+                    "instead of a random FP DiT")
+    ap.add_argument("--backend", choices=["fake", "xla", "pallas"], default="fake",
+                    help="fake-quant model, or the integer model on XLA / Pallas kernels (needs an export)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="reference")
     ap.add_argument("--num-frames", type=int, default=21, help="latent frames")
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
 
     dit = build_dit(args)
     cfg = dit.config
-    tiny = args.preset == "tiny" and not args.quantized
+    tiny = cfg.dim != PRESETS["selfforcing_1_3b"]().dim  # the real VAE goes with the real DiT
     vae_cfg = (WanVAEConfig.tiny() if tiny else WanVAEConfig.wan21()).replace(param_dtype=args.dtype, dtype=args.dtype)
     vae = WanVAE(vae_cfg, rngs=nnx.Rngs(1))
     pipe = CausalInferencePipeline(dit)
@@ -96,8 +99,7 @@ def main(argv=None) -> int:
     vae_ms = 1e3 * per_chunk[..., 1].mean(0)
     frames = 1 + vae_cfg.time_stride * (args.num_frames - 1)
     total_s = per_chunk.sum(axis=(1, 2)).mean()
-    print(f"date {datetime.date.today()}  jax {jax.__version__}  device {jax.devices()[0].device_kind} "
-          f"({jax.default_backend()})")
+    print(device_header())
     print(f"DiT {'quantized ' + args.quantized if args.quantized else args.preset} {args.dtype}; "
           f"{args.num_frames} latent frames {h}x{w} -> {frames} frames {args.height}x{args.width}; "
           f"{pipe.num_denoising_steps} steps + context pass per chunk; VAE {'on' if decode else 'off'}")
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         print(f"| {i} | {a:.1f} | {b:.1f} |")
     print(f"| total per video | {1e3 * per_chunk[..., 0].sum(1).mean():.0f} | {1e3 * per_chunk[..., 1].sum(1).mean():.0f} |")
     print(f"frames per second: {frames / total_s:.2f}  (video frames / (DiT + VAE) time per video)")
-    print(f"peak device memory: {peak_memory()}")
+    print(f"peak device memory: {peak_device_memory()}")
     return 0
 
 
