@@ -32,11 +32,12 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int, default=60)
     ap.add_argument("--width", type=int, default=104)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--attention", default="reference", help="attention implementation name")
+    ap.add_argument("--attention", help="attention implementation (default: the preset's; reference, blockwise, xla)")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
 
-    cfg = PRESETS[args.preset](param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
+    cfg = PRESETS[args.preset](param_dtype=args.dtype, dtype=args.dtype,
+                              **({"attention": args.attention} if args.attention else {}))
     model = CausalWanModel(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     fc = cfg.num_frame_per_block
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     ms = 1e3 * float(np.median(times))
     tokens = args.batch * fc * fsl
     print(device_header())
-    print(f"preset {args.preset}  dtype {args.dtype}  attention {args.attention}  batch {args.batch}  "
+    print(f"preset {args.preset}  dtype {args.dtype}  attention {cfg.attention}  batch {args.batch}  "
           f"chunk {fc}x{args.height}x{args.width} latents = {tokens} tokens  cache {cache.cache_len} tokens")
     print("| metric | value |\n|---|---|")
     print(f"| first call (compile + run) | {compile_s:.1f} s |")

@@ -42,7 +42,8 @@ def build_dit(args):
 
         model, _ = load_quantized_model(args.quantized, dtype=args.dtype)
         return model
-    cfg = PRESETS[args.preset](param_dtype=args.dtype, dtype=args.dtype, attention=args.attention)
+    cfg = PRESETS[args.preset](param_dtype=args.dtype, dtype=args.dtype,
+                              **({"attention": args.attention} if args.attention else {}))
     return CausalWanModel(cfg, rngs=nnx.Rngs(0))
 
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=["fake", "xla", "pallas"], default="fake",
                     help="fake-quant model, or the integer model on XLA / Pallas kernels (needs an export)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--attention", default="reference")
+    ap.add_argument("--attention", help="attention implementation (default: the preset's; reference, blockwise, xla)")
     ap.add_argument("--num-frames", type=int, default=21, help="latent frames")
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)

@@ -78,3 +78,21 @@ def test_block_causal_mask(nf, fsl, nfb, window):
 def test_mask_matches_fixture(fixtures_dir):
     f = np.load(f"{fixtures_dir}/selfforcing_tiny/forward.npz")
     np.testing.assert_array_equal(block_causal_mask(6, 16, 3, -1), f["attn_mask"])
+
+
+@pytest.mark.parametrize("name", ["blockwise", "xla"])
+def test_attention_implementations_match_reference(name):
+    import jax.numpy as jnp
+
+    from qarvd_jax.models.wan.attention import get_attention, reference_attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 40, 3, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 300, 3, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 300, 3, 16)), jnp.float32)
+    fn = get_attention(name)
+    kw = {"block_k": 64} if name == "blockwise" else {}
+    mask = jnp.asarray(rng.random((40, 300)) < 0.7).at[:, 0].set(True)
+    for args in ({}, {"kv_len": jnp.int32(131)}, {"mask": mask}, {"mask": mask, "kv_len": jnp.int32(200)}):
+        want = np.asarray(reference_attention(q, k, v, **args))
+        np.testing.assert_allclose(np.asarray(fn(q, k, v, **args, **kw)), want, atol=2e-6, rtol=0)
