@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -40,7 +41,7 @@ def _coerce(cls, name: str, tp, value):
     args = typing.get_args(tp)
     if tp is Any:
         return value
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []

@@ -186,3 +186,21 @@ def test_quantized_checkpoint_roundtrip(calibrated, tmp_path):
     np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
     with pytest.raises(ValueError, match="not a quantized checkpoint"):
         load_quantized_model(tmp_path)
+
+
+def test_layer_groups_give_the_same_model_and_token_subsampling_bounds_memory():
+    from qarvd_jax.quant.calibration import CalibrationData, run_qarvd_ptq
+
+    emb = _emb()
+    outs = []
+    for group in (None, 5):
+        m = _model()
+        pipe = CausalInferencePipeline(m)
+        run_qarvd_ptq(m, pipe, emb, [0], LATENT, QARVDConfig(iters=10, calib_layer_group=group), sensitivity=[0.6, 0.4])
+        outs.append(np.asarray(pipe.generate(jax.random.normal(jax.random.key(0), (1, *LATENT)), emb, seed=0)))
+    np.testing.assert_array_equal(outs[0], outs[1])  # grouping only bounds memory
+    data = CalibrationData(max_tokens=5)
+    x = np.arange(2 * 12 * 3, dtype=np.float32).reshape(2, 12, 3)
+    data.add("a", x, 0)
+    assert [s.shape for s in data.samples["a"]] == [(5, 3), (5, 3)]
+    assert all(set(s[:, 0] // 3 % 12) <= set(range(12)) for s in data.samples["a"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -105,11 +106,17 @@ class CalibrationData:
 
     samples: dict[str, list[np.ndarray]] = field(default_factory=dict)
     chunks: dict[str, list[int]] = field(default_factory=dict)
+    max_tokens: int | None = None  # keep a random subset of this many tokens per sample (memory bound)
+    seed: int = 0
 
     def add(self, name: str, x: np.ndarray, chunk: int) -> None:
         """x [..., T, C] with leading batch/pass axes; each leading index becomes one sample."""
         x = np.asarray(x)
         flat = x.reshape(-1, *x.shape[-2:])
+        if self.max_tokens is not None and flat.shape[1] > self.max_tokens:
+            rng = np.random.default_rng([self.seed, len(self.samples.get(name, ())), zlib.crc32(name.encode())])
+            rows = np.sort(rng.choice(flat.shape[1], self.max_tokens, replace=False))
+            flat = flat[:, rows]
         self.samples.setdefault(name, []).extend(list(flat))
         self.chunks.setdefault(name, []).extend([chunk] * flat.shape[0])
 
@@ -132,14 +139,15 @@ def _add_intermediates(data: CalibrationData, inter, chunk: int) -> None:
 
 
 def collect_inputs(pipeline, model: nnx.Module, prompt_embeds: np.ndarray, seeds, latent_shape, *, names=None,
-                   desc: str = "collect") -> CalibrationData:
+                   max_tokens: int | None = None, desc: str = "collect") -> CalibrationData:
     """Run one generation per (prompt embedding [L, text_dim], seed) of latents ``latent_shape``
     (F, C, h, w) and record the inputs of QuantLinears.
 
     ``names`` limits recording to some layers (bounded memory for the real model: calibrate in
-    groups). Quantization flags are whatever the model has (pass B: W on, A off; pass C: all off).
+    groups); ``max_tokens`` keeps a random subset of tokens per recorded input. Quantization flags
+    are whatever the model has (pass B: W on, A off; pass C: all off).
     """
-    data = CalibrationData()
+    data = CalibrationData(max_tokens=max_tokens)
     set_collect(model, True, names)
     pipeline.set_model(model)
     try:
@@ -237,17 +245,22 @@ def _shape_key(cfg: LayerQuantConfig) -> LayerQuantConfig:
     return dataclasses.replace(cfg, name="", chunk_weighting=True, act_samples=None, reconstruct=True)
 
 
-def reconstruct_layers(model: nnx.Module, data: CalibrationData, cfg: QARVDConfig, omega=None) -> dict[str, dict]:
-    """Reconstruct every layer with ``reconstruct=True`` from full-precision inputs ``data`` (pass C).
+def reconstruct_layers(model: nnx.Module, data: CalibrationData, cfg: QARVDConfig, omega=None, *, names=None,
+                       deferred: dict | None = None) -> dict[str, dict]:
+    """Reconstruct every (or every ``names``) layer with ``reconstruct=True`` from full-precision
+    inputs ``data`` (pass C).
 
-    Writes the hard-rounded weights into the kernels and the learned activation steps into the state.
-    Returns per-layer reconstruction-loss figures ``{"rec_loss_first", "rec_loss_last"}`` (without the
-    rounding regulariser). Layers of equal shapes and specs share one compiled function.
+    Writes the hard-rounded weights into the kernels (or into ``deferred[name]`` when a dict is given,
+    so that later full-precision collections still see the original weights) and the learned
+    activation steps into the state. Returns per-layer reconstruction-loss figures
+    ``{"rec_loss_first", "rec_loss_last"}`` (without the rounding regulariser). Layers of equal shapes
+    and specs share one compiled function; each layer's minibatch draws depend only on its name.
     """
     stats = {}
     key = jax.random.key(cfg.recon_seed)
-    layers = [(n, lyr) for n, lyr in iter_quant_layers(model) if lyr.cfg.reconstruct and lyr.cfg.w_spec is not None]
-    for i, (name, layer) in enumerate(tqdm(layers, desc="reconstruction", leave=False)):
+    layers = [(n, lyr) for n, lyr in iter_quant_layers(model)
+              if lyr.cfg.reconstruct and lyr.cfg.w_spec is not None and (names is None or n in names)]
+    for name, layer in tqdm(layers, desc="reconstruction", leave=False):
         if name not in data.samples:
             raise ValueError(f"no full-precision inputs were recorded for {name}")
         x = jnp.asarray(np.stack(data.samples[name]), layer.dtype or jnp.float32)
@@ -260,9 +273,12 @@ def reconstruct_layers(model: nnx.Module, data: CalibrationData, cfg: QARVDConfi
         w = _sample_weights(name, layer.cfg, data.chunks[name], omega)
         weights = jnp.ones((x.shape[0],), jnp.float32) if w is None else jnp.asarray(w)
         merged, a_scale, losses = _reconstruct(kernel, bias, layer.state_dict(), x, y, weights,
-                                               jax.random.fold_in(key, i), layer_cfg=_shape_key(layer.cfg),
-                                               qcfg=cfg, precision=layer.precision)
-        layer.kernel[...] = merged
+                                               jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF),
+                                               layer_cfg=_shape_key(layer.cfg), qcfg=cfg, precision=layer.precision)
+        if deferred is None:
+            layer.kernel[...] = merged
+        else:
+            deferred[name] = merged
         layer.a_scale[...] = a_scale
         losses = np.asarray(losses)
         stats[name] = {"rec_loss_first": float(losses[0]), "rec_loss_last": float(losses[-1])}
@@ -282,16 +298,29 @@ def run_qarvd_ptq(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds,
     omega = None if sensitivity is None or not cfg.chunk_weighting else np.asarray(chunk_weights(sensitivity))
     layer_cfgs = prepare_quantized_model(model, cfg, outliers)
     init_weight_quantizers(model, cfg)
-    set_quant_flags(model, weights=True, acts=False)  # pass B
-    acts = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, desc="pass B (W on, A off)")
-    calibrate_activations(model, acts, cfg, omega)
-    del acts
-    recon = {}
+    names = [n for n, _ in iter_quant_layers(model)]
+    size = cfg.calib_layer_group or len(names)
+    groups = [names[i:i + size] for i in range(0, len(names), size)]
+    # Pass B (W on, A off): activation quantizers are off while collecting, so calibrating one group
+    # does not change the inputs of the next; grouping only bounds memory.
+    set_quant_flags(model, weights=True, acts=False)
+    for gi, group in enumerate(groups):
+        acts = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, names=group,
+                              max_tokens=cfg.calib_tokens, desc=f"pass B (W on, A off) {gi + 1}/{len(groups)}")
+        calibrate_activations(model, acts, cfg, omega, names=group)
+        del acts
+    recon: dict = {}
     if cfg.reconstruct:
         set_quant_flags(model, weights=False, acts=False)  # pass C: full precision
-        fp = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, desc="pass C (FP)")
-        recon = reconstruct_layers(model, fp, cfg, omega)
-        del fp
+        merged: dict = {}  # merged weights are written after every group has seen the FP model
+        for gi, group in enumerate(groups):
+            fp = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, names=group,
+                                max_tokens=cfg.calib_tokens, desc=f"pass C (FP) {gi + 1}/{len(groups)}")
+            recon.update(reconstruct_layers(model, fp, cfg, omega, names=group, deferred=merged))
+            del fp
+        layers_by_name = dict(iter_quant_layers(model))
+        for name, kernel in merged.items():
+            layers_by_name[name].kernel[...] = kernel
     set_quant_flags(model, weights=True, acts=True)
     pipeline.set_model(model)
     return {"layers": {n: c.to_dict() for n, c in layer_cfgs.items()}, "reconstruction": recon,

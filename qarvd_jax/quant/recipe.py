@@ -107,6 +107,10 @@ class QARVDConfig:
     beta_start: float = 20.0
     beta_end: float = 2.0
     recon_seed: int = 0
+    # memory bounds for the real model: calibrate/reconstruct this many layers per collection pass
+    # (None: all at once) and keep at most this many tokens of every recorded input (None: all)
+    calib_layer_group: int | None = None
+    calib_tokens: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
