@@ -71,6 +71,11 @@ def _coerce(cls, name: str, tp, value):
             raise TypeError(f"{cls.__name__}.{name}: expected an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads exponent floats without a dot (1e-3) as strings
+            try:
+                value = float(value)
+            except ValueError:
+                raise TypeError(f"{cls.__name__}.{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{cls.__name__}.{name}: expected a number, got {value!r}")
         return float(value)

@@ -40,7 +40,8 @@ class DemoConfig:
 
 
 def _generate(stack, dit, prompts, out_dir: str, seed: int) -> None:
-    t2v = TextToVideo(dit, stack.t2v.vae, stack.t2v.encode_prompts, stack.t2v.pipeline.config)
+    t2v = TextToVideo(dit, stack.t2v.vae, stack.t2v.encode_prompts, stack.t2v.pipeline.config,
+                      vae_config=stack.t2v.vae_config)
     g = stack.gen
     t2v.run(prompts, out_dir, seed=seed, num_frames=g.num_frames, height=g.height, width=g.width)
 
@@ -71,10 +72,10 @@ def run_demo(out_dir: str, cfg: DemoConfig = DemoConfig()) -> dict:
                              sensitivity=sens["sensitivity"])
     lap("2 quantize (Q-ARVD PTQ)")
     variants = {"ptq": ptq}
-    qat = _maybe_qat(stack, sens["sensitivity"], os.path.join(out_dir, "qat"), cfg)
-    if qat is not None:
-        variants["qat"] = qat
-        lap("2b quantize (QAT)")
+    if cfg.qat_steps:
+        variants["qat"] = _run_qat(stack, prompts, os.path.join(out_dir, "sensitivity", "sensitivity.json"),
+                                   os.path.join(out_dir, "qat"), cfg)
+        lap(f"2b quantize (QAT, {cfg.qat_steps} steps)")
     eval_prompts = prompts[: cfg.num_prompts]
     fp_dir = os.path.join(out_dir, "videos_fp")
     _generate(stack, stack.dit, eval_prompts, fp_dir, cfg.seed + 5000)
@@ -95,14 +96,15 @@ def run_demo(out_dir: str, cfg: DemoConfig = DemoConfig()) -> dict:
     return report
 
 
-def _maybe_qat(stack, sensitivity, out_dir: str, cfg: DemoConfig):
-    """A few QAT steps when the training module is available (it is optional in this build)."""
-    try:
-        from qarvd_jax.train.qat import run_qat  # noqa: F401
-    except ImportError:
-        log.info("QAT module not available; the demo runs PTQ only")
-        return None
+def _run_qat(stack, prompts, sensitivity_json: str, out_dir: str, cfg: DemoConfig) -> str:
+    """A few QAT steps (``configs/qat_tiny.yaml`` settings, ``cfg.qat_steps`` steps, on every local device:
+    the default mesh puts them all on the ``data`` axis, so the batch is a multiple of the device count)."""
+    import jax
+
     from qarvd_jax.train.qat import QATConfig, run_qat
 
-    qat_cfg = QATConfig(steps=cfg.qat_steps)
-    return run_qat(stack, qat_cfg, out_dir=out_dir, sensitivity=sensitivity)
+    n = jax.device_count()
+    qat_cfg = QATConfig(steps=cfg.qat_steps, seed=cfg.seed, warmup_steps=1, lr=1e-2, batch_size=n * -(-4 // n),
+                        checkpoint_every=cfg.qat_steps, hist_bins=4096)
+    result = run_qat(stack, qat_cfg, prompts, out_dir=out_dir, sensitivity=sensitivity_json)
+    return result.quantized

@@ -1,4 +1,9 @@
-"""``qarvd quantize --method qarvd --out DIR``: step 2, post-training quantization (Orbax checkpoint)."""
+"""``qarvd quantize --method {qarvd,qat} --out DIR``: step 2, quantize the DiT (Orbax checkpoint).
+
+* ``--method qarvd`` (default): the Q-ARVD post-training recipe.
+* ``--method qat``: quantization-aware training distilled from the full-precision model
+  (:mod:`qarvd_jax.train`): sharded over a device mesh, multi-host capable, resumable.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +13,39 @@ from qarvd_jax.cli._common import add_model_args, add_qarvd_config_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("quantize", help="step 2: quantize the DiT (Q-ARVD post-training recipe)",
-                       description="Q-ARVD: outlier-aware dual-scale split, percentile-MSE weight init, chunk-weighted "
-                       "activation calibration, layer-wise AdaRound + learned activation step on full-precision "
-                       "inputs, hard-rounding merge. Writes OUT/quantized (Orbax) and OUT/quantize.json.")
+    p = sub.add_parser("quantize", help="step 2: quantize the DiT (Q-ARVD post-training recipe or QAT)",
+                       description="--method qarvd: outlier-aware dual-scale split, percentile-MSE weight init, "
+                       "chunk-weighted activation calibration, layer-wise AdaRound + learned activation step on "
+                       "full-precision inputs, hard-rounding merge; --config/KEY=VALUE are QARVDConfig fields. "
+                       "--method qat: the same initial quantizers, then end-to-end training of the quantizer steps "
+                       "(and optionally the weights) to reproduce the full-precision model's flows on its own "
+                       "generations; --config/KEY=VALUE are QATConfig fields (configs/qat_tiny.yaml). Rerunning a "
+                       "qat command resumes from OUT/checkpoints. Writes OUT/quantized (Orbax) and a summary json.")
     add_model_args(p)
-    p.add_argument("--method", choices=["qarvd"], default="qarvd")
+    p.add_argument("--method", choices=["qarvd", "qat"], default="qarvd")
     p.add_argument("--out", required=True, help="run folder (the checkpoint goes to OUT/quantized)")
     p.add_argument("--sensitivity", help="sensitivity.json from step 1 (chunk weights); omit for uniform weights")
-    p.add_argument("--calib-prompts", type=int, default=1, help="calibration videos (Q-ARVD: 1, the first prompt)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/quantized")
+    p.add_argument("--calib-prompts", type=int, help="calibration videos (Q-ARVD: 1, the first prompt)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/quantized (qarvd; qat always "
+                   "rewrites it at the end of a run)")
+    g = p.add_argument_group("quantization-aware training (--method qat)")
+    g.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=4 (axes data, fsdp, tensor; unnamed axes 1; "
+                   "product = device count; default: all devices on data)")
+    g.add_argument("--steps", type=int, help="train until this global step (resumes below it)")
+    g.add_argument("--tfds", help="TFDS dataset name or prepared directory holding the prompts (instead of --prompts; "
+                   "needs the tfds extra)")
+    g.add_argument("--tfds-split", default="train", help="TFDS split (default train)")
+    g.add_argument("--tfds-key", default="caption", help="TFDS text feature (default caption)")
+    g.add_argument("--tfds-data-dir", help="TFDS data_dir of a registered dataset")
+    g.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() first "
+                   "(also with QARVD_DISTRIBUTED=1)")
     add_qarvd_config_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.method == "qat":
+        return run_qat_command(args)
     import os
 
     from qarvd_jax.cli._common import generate_config, prompts, qarvd_config
@@ -36,7 +59,56 @@ def run(args) -> int:
         with open(args.sensitivity) as fh:
             sens = json.load(fh)["sensitivity"]
     stack = build_stack(generate_config(args), args.out)
-    ckpt = run_quantize_qarvd(stack, cfg, prompts(args)[: args.calib_prompts], seed=args.seed, out_dir=args.out,
+    ckpt = run_quantize_qarvd(stack, cfg, prompts(args)[: args.calib_prompts or 1], seed=args.seed, out_dir=args.out,
                               sensitivity=sens)
     print(f"quantized checkpoint -> {ckpt}\ngenerate with: qarvd generate --quantized {ckpt} --prompts FILE --out DIR")
+    return 0
+
+
+def qat_config(args):
+    """QATConfig from --config / KEY=VALUE, then the flags --steps, --mesh, --distributed, --calib-prompts."""
+    from qarvd_jax.train.config import load_qat_config
+
+    cfg = load_qat_config(args.config, args.overrides)
+    flags = {"steps": args.steps, "mesh": args.mesh, "calib_prompts": args.calib_prompts,
+             "distributed": True if args.distributed else None}
+    return cfg.replace(**{k: v for k, v in flags.items() if v is not None})
+
+
+def run_qat_command(args) -> int:
+    import os
+
+    from qarvd_jax.cli._common import generate_config
+    from qarvd_jax.train.data import PromptSource
+    from qarvd_jax.train.qat import initialize_distributed, run_qat
+    from qarvd_jax.train.sharding import make_mesh
+    from qarvd_jax.workflow import DEMO_PROMPTS, build_stack
+
+    cfg = qat_config(args)
+    if args.preset and not args.checkpoint and args.preset != "tiny":
+        raise ValueError(f"--preset {args.preset} needs --checkpoint (without one the built-in tiny model runs)")
+    if args.sensitivity and not os.path.isfile(args.sensitivity):
+        raise FileNotFoundError(f"sensitivity file not found: {args.sensitivity} (produce it with `qarvd sensitivity`)")
+    if args.tfds and args.prompts:
+        raise ValueError("give either --prompts or --tfds, not both")
+    initialize_distributed(cfg.distributed)  # before any other JAX work
+    mesh = make_mesh(cfg.mesh)  # fail fast on a bad --mesh
+    if args.tfds:
+        source = PromptSource(tfds=args.tfds, tfds_split=args.tfds_split, tfds_key=args.tfds_key,
+                              tfds_data_dir=args.tfds_data_dir, max_prompts=cfg.max_prompts)
+    elif args.prompts:
+        source = PromptSource(prompts_file=args.prompts, max_prompts=cfg.max_prompts)
+    else:
+        source = PromptSource(prompts=DEMO_PROMPTS, max_prompts=cfg.max_prompts)
+    stack = build_stack(generate_config(args), args.out)
+    res = run_qat(stack, cfg, source, out_dir=args.out, sensitivity=args.sensitivity, mesh=mesh)
+    import jax
+
+    if jax.process_index() == 0:
+        first = res.history[0]["loss"] if res.history else float("nan")
+        last = res.history[-1]["loss"] if res.history else float("nan")
+        where = f"resumed from step {res.resumed_from}" if res.resumed_from is not None else "from scratch"
+        print(f"QAT {where} -> step {res.step} (loss {first:.5g} -> {last:.5g}; log {args.out}/train_log.jsonl)\n"
+              f"quantized checkpoint -> {res.quantized}\n"
+              f"generate with: qarvd generate --quantized {args.out} --prompts FILE --out DIR")
     return 0

@@ -108,21 +108,31 @@ class TextToVideo:
     """The whole streaming text-to-video pipeline.
 
     Args:
-      dit: a :class:`CausalWanModel` (possibly quantized); vae: a :class:`WanVAE`.
+      dit: a :class:`CausalWanModel` (possibly quantized).
+      vae: a :class:`WanVAE`, or a zero-argument function building it on first use (steps that never
+        decode, such as calibration, then skip loading it); ``vae_config`` is then required.
       encode_prompts: ``list[str] -> np.ndarray [n, text_len, text_dim]`` (already cached/freed is fine).
       sampler: scheduler settings.
     """
 
     def __init__(self, dit, vae, encode_prompts: Callable[[list[str]], np.ndarray],
-                 sampler: InferenceConfig | None = None):
+                 sampler: InferenceConfig | None = None, vae_config=None):
         self.dit = dit
-        self.vae = vae
+        self._vae = vae
+        self.vae_config = vae_config if vae_config is not None else vae.config
         self.encode_prompts = encode_prompts
         self.pipeline = CausalInferencePipeline(dit, sampler or InferenceConfig())
 
+    @property
+    def vae(self):
+        """The VAE, built on first access when a factory was given."""
+        if callable(self._vae) and not hasattr(self._vae, "decode_chunk"):
+            self._vae = self._vae()
+        return self._vae
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         cfg = self.dit.config
-        stride = self.vae.config.space_stride if self.vae is not None else 8
+        stride = self.vae_config.space_stride
         if height % stride or width % stride:
             raise ValueError(f"video size {height}x{width} is not a multiple of the VAE stride {stride}")
         h, w = height // stride, width // stride
@@ -241,7 +251,10 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
             dit = CausalWanModel(WanDiTConfig.tiny(param_dtype=dtype, dtype=dtype), rngs=nnx.Rngs(cfg.seed))
     text_len, text_dim = dit.config.text_len, dit.config.text_dim
     if real:
-        vae = load_wan_vae(cfg.vae, WanVAEConfig.wan21(), dtype=dtype)
+        vae_config = WanVAEConfig.wan21().replace(param_dtype=dtype, dtype=dtype)
+
+        def vae():
+            return load_wan_vae(cfg.vae, WanVAEConfig.wan21(), dtype=dtype)
         t5_cfg = UMT5Config.umt5_xxl(text_len=text_len)
         encoder_id = encoder_fingerprint(cfg.t5, cfg.tokenizer, extra=dtype)
 
@@ -249,7 +262,10 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
             return make_prompt_encoder(load_umt5(cfg.t5, t5_cfg, dtype=dtype),
                                        UMT5Tokenizer.from_file(cfg.tokenizer, text_len=text_len), batch_size=4)
     else:
-        vae = WanVAE(WanVAEConfig.tiny(param_dtype=dtype, dtype=dtype), rngs=nnx.Rngs(cfg.seed + 1))
+        vae_config = WanVAEConfig.tiny(param_dtype=dtype, dtype=dtype)
+
+        def vae():
+            return WanVAE(vae_config, rngs=nnx.Rngs(cfg.seed + 1))
         t5_cfg = UMT5Config.tiny(dim=text_dim, dim_attn=text_dim, text_len=text_len)
         encoder_id = f"builtin-tiny-umt5-seed{cfg.seed}-dim{text_dim}"
 
@@ -272,4 +288,4 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
         gc.collect()  # the encoder (5.7B params for umT5-XXL) is gone before the DiT runs
         return out
 
-    return TextToVideo(dit, vae, encode, cfg.sampler), cfg
+    return TextToVideo(dit, vae, encode, cfg.sampler, vae_config=vae_config), cfg

@@ -1,0 +1,442 @@
+"""Quantization-aware training of the quantized causal Wan DiT, distilled from the full-precision model.
+
+Recipe (``qarvd quantize --method qat``):
+
+1. Student: a float32-master copy of the DiT (compute in ``compute_dtype``) with the Q-ARVD layer
+   surgery (dual-scale split), percentile-MSE weight quantizers and chunk-weighted activation
+   calibration (:func:`prepare_student`; no AdaRound: QAT learns the steps instead).
+2. Every step (:func:`train_step`, pure and jitted with explicit shardings): sample noise, let the
+   full-precision teacher (same graph, quantizer flags off) generate the batch's videos, train the
+   quantized model's KV-cache path to reproduce the teacher's flows pass by pass
+   (:mod:`qarvd_jax.train.rollout`), with chunk weights from the sensitivity step. AdamW on the
+   quantizer steps (LSQ gradients through ``fake_quant``) and optionally the weights, warmup +
+   cosine schedule, global-norm clipping.
+3. Orbax checkpoints every ``checkpoint_every`` steps and at the end; a rerun of the same command
+   resumes from the latest one. ``OUT/quantized`` (``save_quantized``) at the end.
+
+Outputs in ``OUT``: ``checkpoints/``, ``train_log.jsonl``, ``train_loss.png``, ``quantized/``, ``qat.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from qarvd_jax.quant.qlinear import QuantState, iter_quant_layers, set_quant_flags
+from qarvd_jax.train import sharding as shd
+from qarvd_jax.train.config import QATConfig
+from qarvd_jax.train.data import PromptDataset, PromptSource, check_batch_divisible, read_prompts_range
+from qarvd_jax.train.rollout import Distiller
+from qarvd_jax.train.state import (QATCheckpointer, TrainState, abstract_like, lr_schedule, make_optimizer,
+                                   project_scales, trainable_filter)
+
+__all__ = ["initialize_distributed", "load_chunk_weights", "prepare_student", "calibrate_student", "train_step",
+           "QATTrainer", "QATResult", "run_qat"]
+
+log = logging.getLogger(__name__)
+
+# fields whose change makes an existing checkpoint unusable (state structure or data order)
+_RESUME_FIELDS = ("train_weights", "w_bits", "a_bits", "dual_scale", "outlier_method", "align",
+                  "quantize_text_embedding", "batch_size", "seed", "clip_norm")
+
+
+def initialize_distributed(enabled: bool = False) -> bool:
+    """``jax.distributed.initialize()`` (cluster auto-detection) when ``enabled`` or ``QARVD_DISTRIBUTED=1``.
+
+    Call before any other JAX work. Returns whether JAX runs distributed.
+    """
+    if not (enabled or os.environ.get("QARVD_DISTRIBUTED", "") in ("1", "true")):
+        return False
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    log.info("distributed: process %d of %d, %d devices", jax.process_index(), jax.process_count(),
+             jax.device_count())
+    return True
+
+
+def load_chunk_weights(path: str | None, num_chunks: int) -> tuple[np.ndarray | None, list | None]:
+    """omega [K] (mean 1) from a ``sensitivity.json`` (None: uniform). Returns (omega, sensitivity)."""
+    from qarvd_jax.quant.objective import chunk_weights
+
+    if not path:
+        return None, None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sensitivity file not found: {path} (produce it with `qarvd sensitivity`)")
+    with open(path) as fh:
+        data = json.load(fh)
+    if "sensitivity" not in data:
+        raise ValueError(f"{path}: no 'sensitivity' entry (not a `qarvd sensitivity` output)")
+    sens = [float(s) for s in data["sensitivity"]]
+    if len(sens) != num_chunks:
+        raise ValueError(f"{path}: {len(sens)} chunk sensitivities but the video has {num_chunks} chunks "
+                         f"(same --num-frames as the sensitivity run?)")
+    return np.asarray(chunk_weights(sens), np.float32), sens
+
+
+def prepare_student(dit, cfg: QATConfig):
+    """A quantized copy of the FP ``dit``: float32 master weights, ``compute_dtype`` compute, QuantLinear
+    surgery by the recipe (outliers from the weights). Quantizers are still uninitialised; the
+    weights are the full-precision ones, so with flags off this is also the teacher.
+
+    Returns ``(model, layer_configs)``.
+    """
+    from qarvd_jax.models.wan.model import CausalWanModel
+    from qarvd_jax.quant.calibration import prepare_quantized_model
+
+    mcfg = dit.config.replace(param_dtype="float32", dtype=cfg.compute_dtype)
+    model = nnx.eval_shape(lambda: CausalWanModel(mcfg, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                         nnx.state(dit))
+    nnx.update(model, state)
+    layers = prepare_quantized_model(model, cfg.recipe())
+    return model, layers
+
+
+def calibrate_student(model, cfg: QATConfig, sampler, calib_embeds: np.ndarray, latent_shape, omega=None) -> None:
+    """RTN init of the weight quantizers (percentile MSE), activation ranges from ``calib_embeds``
+    generations (weights quantized, activations not), chunk-weighted by ``omega``; flags on. In place."""
+    from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
+    from qarvd_jax.quant.calibration import calibrate_activations, collect_inputs, init_weight_quantizers
+
+    recipe = cfg.recipe()
+    init_weight_quantizers(model, recipe)
+    set_quant_flags(model, weights=True, acts=False)
+    pipe = CausalInferencePipeline(model, sampler)
+    seeds = [cfg.seed + i for i in range(len(calib_embeds))]
+    data = collect_inputs(pipe, model, calib_embeds, seeds, latent_shape, desc="QAT init: calibration")
+    calibrate_activations(model, data, recipe, omega if cfg.chunk_weighting else None)
+    set_quant_flags(model, weights=True, acts=True)
+
+
+def _flags(frozen: nnx.State, on: bool) -> nnx.State:
+    """``frozen`` with every ``w_on``/``a_on`` set (other leaves shared, not copied)."""
+    value = jnp.float32(1.0 if on else 0.0)
+
+    def one(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        return jnp.full_like(x, value) if "w_on" in names or "a_on" in names else x
+
+    return jax.tree_util.tree_map_with_path(one, frozen)
+
+
+def _put(tree, shardings):
+    """Host/single-device arrays onto (possibly multi-process) shardings; every process passes the same values."""
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+# QATConfig fields the jitted step depends on (besides the schedule length)
+_STEP_FIELDS = ("lr", "weight_lr", "train_weights", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay",
+                "clip_norm", "min_scale", "target", "resample_noise", "compute_dtype", "remat", "seed",
+                "logical_axis_rules", "batch_size")
+
+
+def _step_key(cfg: QATConfig) -> tuple:
+    return tuple(getattr(cfg, f) for f in _STEP_FIELDS) + (cfg.schedule_steps,)
+
+
+def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict, *, distiller: Distiller,
+               tx: optax.GradientTransformation, cfg: QATConfig):
+    """One QAT step (pure).
+
+    Args:
+      state: the :class:`TrainState` (donated). frozen: non-trained student leaves.
+      teacher: ``(trainable, frozen)`` states of the full-precision teacher (flags off).
+      batch: ``embeds`` [B, Lc, text_dim] float32, ``prompt_id`` [B] int32 (B = global batch).
+
+    Returns:
+      ``(new_state, metrics)`` with metrics ``loss`` [], ``chunk_loss`` [K], ``grad_norm`` [], ``lr`` [].
+    """
+    key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    b = batch["prompt_id"].shape[0]
+    if cfg.resample_noise:
+        keys = jax.vmap(lambda j: jax.random.fold_in(step_key, j))(jnp.arange(b))
+    else:
+        keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(cfg.seed), p))(batch["prompt_id"])
+    noise, renoise = distiller.sample_noise(keys)
+    traj = distiller.teacher_rollout(teacher, batch["embeds"], noise, renoise)
+    (loss, aux), grads = jax.value_and_grad(distiller.student_loss, has_aux=True)(
+        state.trainable, frozen, batch["embeds"], traj)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = project_scales(optax.apply_updates(state.trainable, updates), cfg.min_scale)
+    metrics = {"loss": loss, "chunk_loss": aux["chunk_loss"], "grad_norm": optax.tree.norm(grads),
+               "lr": lr_schedule(cfg, cfg.lr)(state.step + 1)}
+    new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                           rng=jax.random.key_data(key))
+    return new_state, metrics
+
+
+class QATTrainer:
+    """Shardings, the jitted step and the state of QAT on one mesh.
+
+    Build it from the student model *after* calibration (or before a restore): its ``nnx.Param``
+    leaves must still be the full-precision weights, since the teacher is taken from it.
+
+    Args:
+      model: quantized student (see :func:`prepare_student`).
+      cfg: the QAT config. mesh: ('data', 'fsdp', 'tensor') mesh.
+      latent_shape: (F, C, h, w); sampler: the pipeline's InferenceConfig; omega: [K] chunk weights.
+      jit_cache: optional dict shared between trainers: runs with the same model structure, step
+        settings and mesh reuse one jitted (compiled) step instead of compiling again.
+    """
+
+    def __init__(self, model, cfg: QATConfig, mesh: Mesh, latent_shape, sampler, omega=None,
+                 jit_cache: dict | None = None):
+        self.cfg, self.mesh = cfg, mesh
+        self.rules = shd.rules_table(cfg.logical_axis_rules)
+        batch_axes = self.rules.get("batch", ())
+        check_batch_divisible(cfg.batch_size, mesh, batch_axes)
+        self.graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train_weights), ...)
+        self.model_config = model.config
+        self.layer_configs = {n: layer.cfg for n, layer in iter_quant_layers(model)}
+        self.trainable_sh = shd.tree_shardings(trainable, mesh, self.rules)
+        self.frozen_sh = shd.tree_shardings(frozen, mesh, self.rules)
+        self.tx = make_optimizer(cfg, trainable)
+        opt_shape = jax.eval_shape(self.tx.init, trainable)
+        rep = shd.replicated(mesh)
+        self.state_sh = TrainState(step=rep, trainable=self.trainable_sh,
+                                   opt_state=shd.tree_shardings(opt_shape, mesh, self.rules), rng=rep)
+        self.batch_sh = {"embeds": shd.batch_sharding(mesh, self.rules, 3),
+                         "prompt_id": shd.batch_sharding(mesh, self.rules, 1)}
+        self._host_trainable, self._host_frozen = trainable, frozen
+        self.frozen = _put(frozen, self.frozen_sh)
+        self.teacher = (_put(trainable, self.trainable_sh), _flags(self.frozen, False))
+        self.distiller = Distiller(self.graphdef, model.config, latent_shape, sampler, omega=omega,
+                                   target=cfg.target, remat=cfg.remat,
+                                   batch_constraint=lambda nd: shd.batch_sharding(mesh, self.rules, nd))
+        key = (self.graphdef, _step_key(cfg), tuple(latent_shape), sampler, None if omega is None else
+               tuple(np.asarray(omega, np.float32).tolist()), mesh)
+        if jit_cache is not None and key in jit_cache:
+            self.step_fn = jit_cache[key]
+        else:
+            step = partial(train_step, distiller=self.distiller, tx=self.tx, cfg=cfg)
+            self.step_fn = jax.jit(step, in_shardings=(self.state_sh, self.frozen_sh,
+                                                       (self.trainable_sh, self.frozen_sh), self.batch_sh),
+                                   out_shardings=(self.state_sh, rep), donate_argnums=(0,))
+            if jit_cache is not None:
+                jit_cache[key] = self.step_fn
+
+    def init_state(self) -> TrainState:
+        """Step 0: trainable leaves from the model, fresh optimiser state, ``key(seed)``."""
+        trainable = _put(self._host_trainable, self.trainable_sh)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh.opt_state)(trainable)
+        rng = _put(np.asarray(jax.random.key_data(jax.random.key(self.cfg.seed))), self.state_sh.rng)
+        step = _put(np.zeros((), np.int32), self.state_sh.step)
+        return TrainState(step=step, trainable=trainable, opt_state=opt_state, rng=rng)
+
+    def abstract_state(self):
+        """Sharded ``ShapeDtypeStruct`` targets ``(TrainState, frozen)`` for a restore."""
+        trainable = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._host_trainable)
+        rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+        shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
+                            opt_state=jax.eval_shape(self.tx.init, trainable), rng=rng)
+        return abstract_like(shapes, self.state_sh), abstract_like(self._host_frozen, self.frozen_sh)
+
+    def set_frozen(self, frozen: nnx.State) -> None:
+        """Use restored frozen leaves (the teacher keeps its full-precision weights)."""
+        self.frozen = frozen
+        self.teacher = (self.teacher[0], _flags(frozen, False))
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.step_fn(state, self.frozen, self.teacher, batch)
+
+    def export_model(self, state: TrainState, fp_config):
+        """The trained quantized model on host with ``fp_config``'s dtypes (the deployed model)."""
+        from qarvd_jax.models.wan.model import CausalWanModel
+        from qarvd_jax.quant.qlinear import install_layers
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            trainable, frozen = multihost_utils.process_allgather((state.trainable, self.frozen), tiled=True)
+        else:
+            trainable, frozen = jax.device_get((state.trainable, self.frozen))
+        trained = nnx.merge(self.graphdef, trainable, frozen)
+        model = nnx.eval_shape(lambda: CausalWanModel(fp_config, rngs=nnx.Rngs(0)))
+        install_layers(model, self.layer_configs,
+                       {n: np.arange(c.n_outlier) for n, c in self.layer_configs.items() if c.n_outlier})
+        for coll, dtype in ((nnx.Param, jnp.dtype(fp_config.param_dtype)), (QuantState, None)):
+            target = nnx.state(model, coll)
+            pure = nnx.to_pure_dict(nnx.state(trained, coll))
+            if dtype is not None:  # Params back to the deployed storage dtype; quantizer state stays float32
+                pure = jax.tree.map(lambda x: jnp.asarray(x, dtype), pure)
+            nnx.replace_by_pure_dict(target, pure)
+            nnx.update(model, target)
+        return model
+
+
+@dataclass
+class QATResult:
+    """What :func:`run_qat` did: final step, the log entries of this run folder, output paths."""
+
+    step: int
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None
+    quantized: str | None = None
+    state: TrainState | None = None
+
+
+def _read_log(path: str, upto: int) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return [r for r in rows if r.get("step", 0) <= upto]
+
+
+def _write_log(path: str, rows: list[dict], mode: str = "w") -> None:
+    with open(path, mode) as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+
+
+def plot_losses(rows: list[dict], path: str) -> None:
+    """Loss (log scale) against step as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], marker="o" if len(rows) < 50 else None, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss")
+    ax.set_yscale("log")
+    ax.set_title("QAT: quantized vs full-precision flows")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _check_resume(meta: dict, cfg: QATConfig, directory: str) -> None:
+    old = meta.get("config", {})
+    for name in _RESUME_FIELDS:
+        if name in old and old[name] != getattr(cfg, name):
+            raise ValueError(f"{directory}: the checkpoint was written with {name}={old[name]!r}, this run has "
+                             f"{name}={getattr(cfg, name)!r}; use another --out or the original setting")
+    if meta.get("schedule_steps") not in (None, cfg.schedule_steps):
+        log.warning("resuming with a different lr schedule length (%s -> %s); set lr_schedule_steps to keep it",
+                    meta["schedule_steps"], cfg.schedule_steps)
+
+
+def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_dir: str,
+            sensitivity: str | None = None, mesh: Mesh | None = None, return_state: bool = False,
+            jit_cache: dict | None = None) -> QATResult:
+    """QAT of ``stack.dit`` into ``out_dir`` (resuming from ``out_dir/checkpoints`` when present).
+
+    Args:
+      stack: a :class:`qarvd_jax.workflow.Stack` (FP DiT, cached prompt encoder, latent geometry).
+      cfg: :class:`QATConfig` (``cfg.steps`` is the last step to reach).
+      source: prompts (a list, or a :class:`PromptSource` for files / TFDS).
+      sensitivity: ``sensitivity.json`` from step 1 (chunk weights); None: uniform.
+      mesh: device mesh (default ``make_mesh(cfg.mesh)``).
+      return_state: keep the final :class:`TrainState` in the result (tests).
+      jit_cache: see :class:`QATTrainer` (reuse compiled steps across runs in one process).
+
+    Returns a :class:`QATResult`; writes checkpoints, ``train_log.jsonl``, ``train_loss.png``,
+    ``quantized/`` and ``qat.json`` (files on process 0 only).
+    """
+    from qarvd_jax.quant.checkpoint import save_quantized
+
+    if not isinstance(source, PromptSource):
+        source = PromptSource(prompts=tuple(source), max_prompts=cfg.max_prompts)
+    mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
+    main = jax.process_index() == 0
+    latent_shape = stack.latent_shape
+    sampler = stack.t2v.pipeline.config
+    num_chunks = latent_shape[0] // stack.dit.config.num_frame_per_block
+    omega, sens = load_chunk_weights(sensitivity, num_chunks)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = QATCheckpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
+                           async_save=cfg.async_checkpointing)
+    latest = ckpt.latest_step()
+    data = PromptDataset.from_source(source, stack.embeds, global_batch=cfg.batch_size, seed=cfg.seed,
+                                     preload=cfg.preload_embeddings)
+    model, _ = prepare_student(stack.dit, cfg)
+    if latest is None:
+        calib = read_prompts_range(source, 0, max(1, cfg.calib_prompts))
+        calibrate_student(model, cfg, sampler, stack.embeds(calib), latent_shape, omega)
+    trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, omega, jit_cache=jit_cache)
+    del model
+    log_path = os.path.join(out_dir, "train_log.jsonl")
+    if latest is None:
+        state, rows = trainer.init_state(), []
+    else:
+        abstract_state, abstract_frozen = trainer.abstract_state()
+        meta = ckpt.read_meta(latest)
+        _check_resume(meta, cfg, ckpt.directory)
+        state, frozen, meta = ckpt.restore(latest, abstract_state, abstract_frozen)
+        trainer.set_frozen(frozen)
+        if meta["data_position"] != data.data_position(latest):
+            raise ValueError(f"checkpoint {latest}: data position {meta['data_position']} != "
+                             f"{data.data_position(latest)} expected for batch_size={cfg.batch_size}")
+        rows = _read_log(log_path, latest)
+        if main:
+            log.info("resumed from %s at step %d", ckpt.directory, latest)
+    start = int(jax.device_get(state.step))
+    if main:
+        _write_log(log_path, rows)  # a fresh log, or the old one cut at the restored step
+
+    def meta_for(step: int) -> dict:
+        return {"step": step, "data_position": data.data_position(step), "global_batch": cfg.batch_size,
+                "schedule_steps": cfg.schedule_steps, "process_count": jax.process_count(),
+                "config": cfg.to_dict()}
+
+    saved = latest
+    bar = tqdm(total=cfg.steps, initial=start, desc="QAT", disable=not main)
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        batch = data.global_batch_arrays(step, trainer.batch_sh)
+        state, metrics = trainer.step(state, batch)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            m = jax.device_get(metrics)
+            row = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                   "lr": float(m["lr"]), "chunk_loss": [float(v) for v in m["chunk_loss"]],
+                   "data_position": data.data_position(done), "time_s": round(time.perf_counter() - t0, 3)}
+            rows.append(row)
+            if main:
+                _write_log(log_path, [row], mode="a")
+                bar.set_postfix(loss=f"{row['loss']:.4g}", gnorm=f"{row['grad_norm']:.3g}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            ckpt.save(done, state, trainer.frozen, meta_for(done))
+            saved = done
+        bar.update(1)
+    bar.close()
+    final = int(jax.device_get(state.step))
+    if saved != final:
+        ckpt.save(final, state, trainer.frozen, meta_for(final))
+    ckpt.close()
+    quant_dir = os.path.join(out_dir, "quantized")
+    exported = trainer.export_model(state, stack.dit.config)
+    if main:
+        if rows:
+            plot_losses(rows, os.path.join(out_dir, "train_loss.png"))
+        meta = {"method": "qat", "qat": cfg.to_dict(), "sensitivity": sens, "steps": final,
+                "chunk_weights": None if omega is None else omega.tolist()}
+        save_quantized(quant_dir, exported, metadata=meta, overwrite=True)
+        from qarvd_jax.workflow import write_json
+
+        write_json(os.path.join(out_dir, "qat.json"), {**meta, "mesh": dict(mesh.shape), "resumed_from": latest,
+                                                      "final_loss": rows[-1]["loss"] if rows else None})
+    return QATResult(step=final, history=rows, resumed_from=latest, quantized=quant_dir,
+                     state=state if return_state else None)
