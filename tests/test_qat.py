@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from qarvd_jax.models.wan.config import WanDiTConfig
 from qarvd_jax.models.wan.model import CausalWanModel
+from qarvd_jax.models.wan_vae import WanVAEConfig
 from qarvd_jax.pipeline.text_to_video import GenerateConfig, TextToVideo
 from qarvd_jax.train import qat as qat_mod
 from qarvd_jax.train.config import QATConfig, load_qat_config
@@ -46,7 +47,7 @@ def _embed(prompts, text_len=16, text_dim=32):
 @pytest.fixture(scope="module")
 def stack():
     dit = CausalWanModel(WanDiTConfig.tiny(), rngs=nnx.Rngs(0))
-    t2v = TextToVideo(dit, None, _embed)
+    t2v = TextToVideo(dit, None, _embed, vae_config=WanVAEConfig.tiny())  # QAT never decodes
     return Stack(t2v, GenerateConfig(num_frames=6, height=32, width=32), t2v.latent_shape(6, 32, 32))
 
 
