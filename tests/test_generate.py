@@ -110,3 +110,17 @@ def test_video_stem_sanitising():
     long = "é" * 200
     stem = video_stem(long, 0)
     assert len(stem.encode()) <= 182 and stem.endswith("-0")
+
+
+def test_builtin_tiny_model_is_the_same_in_every_dtype(tmp_path):
+    import ml_dtypes
+
+    from qarvd_jax.models.wan.loading import model_params
+
+    a, _ = build_text_to_video(GenerateConfig(dtype="float32"), str(tmp_path))
+    b, _ = build_text_to_video(GenerateConfig(dtype="bfloat16"), str(tmp_path))
+    pa, pb = model_params(a.dit), model_params(b.dit)
+    k32 = pa["blocks"][1]["ffn"]["layers"][0]["kernel"]
+    k16 = pb["blocks"][1]["ffn"]["layers"][0]["kernel"]
+    assert k16.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(k16, k32.astype(ml_dtypes.bfloat16))

@@ -234,7 +234,9 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
     from qarvd_jax.models.umt5 import encode_with_cache, encoder_fingerprint, make_prompt_encoder
     from qarvd_jax.models.wan.config import PRESETS, WanDiTConfig
     from qarvd_jax.models.wan.model import CausalWanModel
-    from qarvd_jax.models.wan_vae import WanVAE, WanVAEConfig, load_wan_vae
+    from qarvd_jax.models.wan.loading import model_from_params, model_params
+    from qarvd_jax.models.wan_vae import (WanVAE, WanVAEConfig, load_wan_vae, to_torch_state_dict,
+                                          wan_vae_from_state_dict)
 
     real = bool(cfg.checkpoint or cfg.t5 or cfg.vae)
     if real and not (cfg.checkpoint and cfg.t5 and cfg.vae and cfg.tokenizer):
@@ -248,7 +250,9 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
             base = PRESETS[cfg.preset or "selfforcing_1_3b"]()
             dit = load_model(cfg.checkpoint, base.replace(param_dtype=dtype, dtype=dtype))
         else:
-            dit = CausalWanModel(WanDiTConfig.tiny(param_dtype=dtype, dtype=dtype), rngs=nnx.Rngs(cfg.seed))
+            # random weights drawn in float32 and cast, so every --dtype runs the same tiny model
+            fp32 = CausalWanModel(WanDiTConfig.tiny(), rngs=nnx.Rngs(cfg.seed))
+            dit = model_from_params(model_params(fp32), WanDiTConfig.tiny(param_dtype=dtype, dtype=dtype))
     text_len, text_dim = dit.config.text_len, dit.config.text_dim
     if real:
         vae_config = WanVAEConfig.wan21().replace(param_dtype=dtype, dtype=dtype)
@@ -265,7 +269,10 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
         vae_config = WanVAEConfig.tiny(param_dtype=dtype, dtype=dtype)
 
         def vae():
-            return WanVAE(vae_config, rngs=nnx.Rngs(cfg.seed + 1))
+            vae32 = WanVAE(WanVAEConfig.tiny(), rngs=nnx.Rngs(cfg.seed + 1))
+            if dtype == "float32":
+                return vae32
+            return wan_vae_from_state_dict(to_torch_state_dict(vae32), vae_config)
         t5_cfg = UMT5Config.tiny(dim=text_dim, dim_attn=text_dim, text_len=text_len)
         encoder_id = f"builtin-tiny-umt5-seed{cfg.seed}-dim{text_dim}"
 
