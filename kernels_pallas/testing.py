@@ -148,3 +148,18 @@ def assert_close_f32(actual, desired, ulps: float = 8.0):
   tol = ulps * np.finfo(np.float32).eps * max(1.0, np.abs(desired).max())
   err = np.abs(actual - desired).max()
   assert err <= tol, f"max abs error {err:.3g} > {tol:.3g}"
+
+
+def check_against_reference(op, reference, p: Problem, backends, interpret=True, acc=True, **blocks):
+  """``op`` on every backend equals ``reference``: int32 accumulators exactly (when ``acc``) and the
+  float32 output to :func:`assert_close_f32`."""
+  args = (p.x, p.w, p.w_scale, p.w_zero)
+  kw = p.kwargs()
+  y_ref = reference(*args, **kw, out_dtype=jnp.float32)
+  acc_ref = reference(*args, **kw, accumulator_only=True) if acc else None
+  for backend in backends:
+    if acc:
+      got = op(*args, **kw, accumulator_only=True, backend=backend, interpret=interpret, **blocks)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(acc_ref), err_msg=backend)
+    y = op(*args, **kw, out_dtype=jnp.float32, backend=backend, interpret=interpret, **blocks)
+    assert_close_f32(y, y_ref)

@@ -1,6 +1,7 @@
 """W4A8 kernels (packed int4 weights unpacked in-kernel) vs the reference."""
 
-import jax.numpy as jnp
+import functools
+
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
@@ -9,20 +10,7 @@ from kernels_pallas import testing
 from kernels_pallas.w4a8_matmul import w4a8_matmul, w4a8_matmul_reference
 
 
-def check(p, backends, interpret=True, acc=True, **blocks):
-  args = (p.x, p.w, p.w_scale, p.w_zero)
-  kw = p.kwargs()
-  y_ref = w4a8_matmul_reference(*args, **kw, out_dtype=jnp.float32)
-  acc_ref = w4a8_matmul_reference(*args, **kw, accumulator_only=True) if acc else None
-  for backend in backends:
-    if acc:
-      got = w4a8_matmul(*args, **kw, accumulator_only=True, backend=backend,
-                        interpret=interpret, **blocks)
-      np.testing.assert_array_equal(np.asarray(got), np.asarray(acc_ref),
-                                    err_msg=backend)
-    y = w4a8_matmul(*args, **kw, out_dtype=jnp.float32, backend=backend,
-                    interpret=interpret, **blocks)
-    testing.assert_close_f32(y, y_ref)
+check = functools.partial(testing.check_against_reference, w4a8_matmul, w4a8_matmul_reference)
 
 
 CASES = [

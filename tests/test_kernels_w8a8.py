@@ -1,6 +1,8 @@
 """W8A8 kernels (Pallas TPU / Mosaic GPU in interpret mode, XLA) vs the
 reference: exact int32 accumulators, float32-rounding-equal outputs."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,20 +13,7 @@ from kernels_pallas.quant_common import weight_colsum
 from kernels_pallas.w8a8_matmul import w8a8_matmul, w8a8_matmul_reference
 
 
-def check(p, backends, interpret=True, acc=True, **blocks):
-  args = (p.x, p.w, p.w_scale, p.w_zero)
-  kw = p.kwargs()
-  y_ref = w8a8_matmul_reference(*args, **kw, out_dtype=jnp.float32)
-  acc_ref = w8a8_matmul_reference(*args, **kw, accumulator_only=True) if acc else None
-  for backend in backends:
-    if acc:
-      got = w8a8_matmul(*args, **kw, accumulator_only=True, backend=backend,
-                        interpret=interpret, **blocks)
-      np.testing.assert_array_equal(np.asarray(got), np.asarray(acc_ref),
-                                    err_msg=backend)
-    y = w8a8_matmul(*args, **kw, out_dtype=jnp.float32, backend=backend,
-                    interpret=interpret, **blocks)
-    testing.assert_close_f32(y, y_ref)
+check = functools.partial(testing.check_against_reference, w8a8_matmul, w8a8_matmul_reference)
 
 
 CASES = [
