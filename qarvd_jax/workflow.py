@@ -77,18 +77,14 @@ def _calibrated_rtn_pipeline(stack: Stack, cfg: QARVDConfig, calib_prompts, seed
     uniform chunk weights: the model step 1 measures."""
     from flax import nnx
 
-    from qarvd_jax.quant.calibration import (calibrate_activations, collect_inputs, init_weight_quantizers,
-                                             prepare_quantized_model)
+    from qarvd_jax.quant.calibration import calibrate_rtn, prepare_quantized_model
     from qarvd_jax.quant.qlinear import set_quant_flags
 
     model = nnx.clone(stack.dit)
     layers = prepare_quantized_model(model, cfg)
-    init_weight_quantizers(model, cfg)
     pipe = CausalInferencePipeline(model, stack.t2v.pipeline.config)
-    set_quant_flags(model, weights=True, acts=False)
-    data = collect_inputs(pipe, model, stack.embeds(calib_prompts), _seeds(seed, len(calib_prompts)),
-                          stack.latent_shape, desc="calibration (W on, A off)")
-    calibrate_activations(model, data, cfg, omega=None)
+    calibrate_rtn(model, pipe, stack.embeds(calib_prompts), _seeds(seed, len(calib_prompts)), stack.latent_shape,
+                  cfg, omega=None)
     set_quant_flags(model, weights=True, acts=True)
     pipe.set_model(model)
     return pipe, layers

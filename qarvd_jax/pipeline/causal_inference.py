@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qarvd_jax.models.wan import kv_cache as kvc
 from qarvd_jax.models.wan.kv_cache import CrossKV, KVCache
 from qarvd_jax.models.wan.model import CausalWanModel
 from qarvd_jax.pipeline import scheduler as sch
@@ -181,7 +182,7 @@ class CausalInferencePipeline:
         key = jax.random.key(seed) if renoise is None else None
 
         cross = self.cross_kv(prompt_embeds, cross_params)
-        cache = nnx.merge(self.graphdef, self.params).init_cache(b, f, fsl, dtype=noise.dtype)
+        cache = kvc.new_cache(cfg, b, f, fsl, noise.dtype)
         for ci in range(num_chunks):
             chunk_noise = noise[:, ci * fc:(ci + 1) * fc]
             if renoise is not None:

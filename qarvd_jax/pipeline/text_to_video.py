@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from convert.state_dict_io import atomic_output
+from qarvd_jax.models.wan_vae import decode_chunks
 from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline, InferenceConfig
 
 __all__ = ["GenerateConfig", "read_prompts", "video_stem", "TextToVideo", "write_video"]
@@ -158,8 +159,6 @@ class TextToVideo:
             latents.append(rec.output)
             if decode:
                 z = jnp.swapaxes(rec.output, 1, 2)  # (B, C, Fc, h, w)
-                from qarvd_jax.models.wan_vae import decode_chunks
-
                 pixels, cache = decode_chunks(self.vae, [z], cache)
                 frames.append(_to_uint8_frames(pixels))
         lat = np.asarray(jnp.concatenate(latents, axis=1)[0], np.float32)

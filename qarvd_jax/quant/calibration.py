@@ -39,7 +39,7 @@ from qarvd_jax.quant.range_init import histogram_percentile_mse_init, percentile
 from qarvd_jax.quant.recipe import LayerQuantConfig, QARVDConfig, match_rule
 
 __all__ = ["CalibrationData", "detect_model_outliers", "prepare_quantized_model", "init_weight_quantizers",
-           "collect_inputs", "calibrate_activations", "reconstruct_layers", "run_qarvd_ptq"]
+           "collect_inputs", "calibrate_activations", "calibrate_rtn", "reconstruct_layers", "run_qarvd_ptq"]
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,32 @@ def reconstruct_layers(model: nnx.Module, data: CalibrationData, cfg: QARVDConfi
     return stats
 
 
+def _layer_groups(model: nnx.Module, cfg: QARVDConfig) -> list[list[str]]:
+    names = [n for n, _ in iter_quant_layers(model)]
+    size = cfg.calib_layer_group or len(names)
+    return [names[i:i + size] for i in range(0, len(names), size)]
+
+
+def calibrate_rtn(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds, latent_shape, cfg: QARVDConfig,
+                  omega=None) -> list[list[str]]:
+    """Passes A and B on a prepared model, in place: percentile-MSE weight init (data-free), then the
+    activation ranges from generations with weights quantized and activations in full precision,
+    chunk-weighted by ``omega``. Leaves the flags at W on, A off; returns the layer groups used.
+
+    Activation quantizers are off while collecting, so calibrating one group of layers does not change
+    the inputs of the next: ``cfg.calib_layer_group`` only bounds memory.
+    """
+    init_weight_quantizers(model, cfg)
+    groups = _layer_groups(model, cfg)
+    set_quant_flags(model, weights=True, acts=False)
+    for gi, group in enumerate(groups):
+        acts = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, names=group,
+                              max_tokens=cfg.calib_tokens, desc=f"pass B (W on, A off) {gi + 1}/{len(groups)}")
+        calibrate_activations(model, acts, cfg, omega, names=group)
+        del acts
+    return groups
+
+
 def run_qarvd_ptq(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds, latent_shape, cfg: QARVDConfig,
                   sensitivity=None, outliers: dict[str, np.ndarray] | None = None) -> dict:
     """The whole Q-ARVD post-training recipe on a full-precision model, in place.
@@ -297,18 +323,7 @@ def run_qarvd_ptq(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds,
 
     omega = None if sensitivity is None or not cfg.chunk_weighting else np.asarray(chunk_weights(sensitivity))
     layer_cfgs = prepare_quantized_model(model, cfg, outliers)
-    init_weight_quantizers(model, cfg)
-    names = [n for n, _ in iter_quant_layers(model)]
-    size = cfg.calib_layer_group or len(names)
-    groups = [names[i:i + size] for i in range(0, len(names), size)]
-    # Pass B (W on, A off): activation quantizers are off while collecting, so calibrating one group
-    # does not change the inputs of the next; grouping only bounds memory.
-    set_quant_flags(model, weights=True, acts=False)
-    for gi, group in enumerate(groups):
-        acts = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, names=group,
-                              max_tokens=cfg.calib_tokens, desc=f"pass B (W on, A off) {gi + 1}/{len(groups)}")
-        calibrate_activations(model, acts, cfg, omega, names=group)
-        del acts
+    groups = calibrate_rtn(model, pipeline, prompt_embeds, seeds, latent_shape, cfg, omega)
     recon: dict = {}
     if cfg.reconstruct:
         set_quant_flags(model, weights=False, acts=False)  # pass C: full precision

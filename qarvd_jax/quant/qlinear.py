@@ -32,7 +32,7 @@ from qarvd_jax.quant.fake_quant import QuantParams, fake_quant
 from qarvd_jax.quant.recipe import LayerQuantConfig, match_rule
 
 __all__ = ["QuantState", "QuantLinear", "qlinear_apply", "install_layers", "quantize_model", "iter_quant_layers",
-           "set_quant_flags", "set_collect"]
+           "set_quant_flags", "with_quant_flags", "set_collect"]
 
 
 class QuantState(nnx.Variable):
@@ -220,6 +220,19 @@ def set_quant_flags(model: nnx.Module, *, weights: bool | None = None, acts: boo
             layer.w_on[...] = jnp.float32(weights)
         if acts is not None:
             layer.a_on[...] = jnp.float32(acts)
+
+
+def with_quant_flags(state, on: bool):
+    """``state`` (an ``nnx.State`` or pure dict) with every QuantLinear ``w_on``/``a_on`` leaf set to
+    ``on``; other leaves are shared, not copied. Same structure, so swapping it into a jitted call
+    does not recompile."""
+    value = jnp.float32(1.0 if on else 0.0)
+
+    def one(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        return jnp.full_like(x, value) if "w_on" in names or "a_on" in names else x
+
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
 def set_collect(model: nnx.Module, on: bool, names=None) -> None:

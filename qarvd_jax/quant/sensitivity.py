@@ -19,25 +19,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-__all__ = ["flags_state", "chunk_sensitivity", "write_sensitivity", "plot_sensitivity"]
+from qarvd_jax.quant.qlinear import with_quant_flags
 
-
-def flags_state(params: nnx.State, on: bool) -> nnx.State:
-    """A copy of ``params`` with every QuantLinear's ``w_on``/``a_on`` set to ``on``."""
-    value = jnp.float32(1.0 if on else 0.0)
-
-    def set_flag(path, leaf):
-        name = getattr(path[-1], "key", None) if path else None
-        return jnp.full_like(leaf, value) if name in ("w_on", "a_on") else leaf
-
-    pure = nnx.to_pure_dict(params)
-    pure = jax.tree_util.tree_map_with_path(set_flag, pure)
-    out = jax.tree.map(lambda x: x, params)
-    nnx.replace_by_pure_dict(out, pure)
-    return out
+__all__ = ["chunk_sensitivity", "write_sensitivity", "plot_sensitivity"]
 
 
 def chunk_sensitivity(pipeline, prompt_embeds: np.ndarray, seeds, latent_shape) -> dict:
@@ -52,7 +38,7 @@ def chunk_sensitivity(pipeline, prompt_embeds: np.ndarray, seeds, latent_shape) 
       ``{"sensitivity": [s_k], "errors": [e_k], "num_prompts": N}``; s sums to 1.
     """
     params = pipeline.params
-    q_state, fp_state = flags_state(params, True), flags_state(params, False)
+    q_state, fp_state = with_quant_flags(params, True), with_quant_flags(params, False)
     num_chunks = latent_shape[0] // pipeline.model_config.num_frame_per_block
     sq_err = np.zeros(num_chunks)
     count = 0

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from qarvd_jax.quant.qlinear import QuantState, iter_quant_layers, set_quant_flags
+from qarvd_jax.quant.qlinear import QuantState, iter_quant_layers, set_quant_flags, with_quant_flags
 from qarvd_jax.train import sharding as shd
 from qarvd_jax.train.config import QATConfig
 from qarvd_jax.train.data import PromptDataset, PromptSource, check_batch_divisible, read_prompts_range
@@ -109,27 +109,12 @@ def calibrate_student(model, cfg: QATConfig, sampler, calib_embeds: np.ndarray, 
     """RTN init of the weight quantizers (percentile MSE), activation ranges from ``calib_embeds``
     generations (weights quantized, activations not), chunk-weighted by ``omega``; flags on. In place."""
     from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
-    from qarvd_jax.quant.calibration import calibrate_activations, collect_inputs, init_weight_quantizers
+    from qarvd_jax.quant.calibration import calibrate_rtn
 
-    recipe = cfg.recipe()
-    init_weight_quantizers(model, recipe)
-    set_quant_flags(model, weights=True, acts=False)
     pipe = CausalInferencePipeline(model, sampler)
     seeds = [cfg.seed + i for i in range(len(calib_embeds))]
-    data = collect_inputs(pipe, model, calib_embeds, seeds, latent_shape, desc="QAT init: calibration")
-    calibrate_activations(model, data, recipe, omega if cfg.chunk_weighting else None)
+    calibrate_rtn(model, pipe, calib_embeds, seeds, latent_shape, cfg.recipe(), omega if cfg.chunk_weighting else None)
     set_quant_flags(model, weights=True, acts=True)
-
-
-def _flags(frozen: nnx.State, on: bool) -> nnx.State:
-    """``frozen`` with every ``w_on``/``a_on`` set (other leaves shared, not copied)."""
-    value = jnp.float32(1.0 if on else 0.0)
-
-    def one(path, x):
-        names = [getattr(k, "key", None) for k in path]
-        return jnp.full_like(x, value) if "w_on" in names or "a_on" in names else x
-
-    return jax.tree_util.tree_map_with_path(one, frozen)
 
 
 def _put(tree, shardings):
@@ -217,7 +202,7 @@ class QATTrainer:
                          "prompt_id": shd.batch_sharding(mesh, self.rules, 1)}
         self._host_trainable, self._host_frozen = trainable, frozen
         self.frozen = _put(frozen, self.frozen_sh)
-        self.teacher = (_put(trainable, self.trainable_sh), _flags(self.frozen, False))
+        self.teacher = (_put(trainable, self.trainable_sh), with_quant_flags(self.frozen, False))
         self.distiller = Distiller(self.graphdef, model.config, latent_shape, sampler, omega=omega,
                                    target=cfg.target, remat=cfg.remat,
                                    batch_constraint=lambda nd: shd.batch_sharding(mesh, self.rules, nd))
@@ -252,7 +237,7 @@ class QATTrainer:
     def set_frozen(self, frozen: nnx.State) -> None:
         """Use restored frozen leaves (the teacher keeps its full-precision weights)."""
         self.frozen = frozen
-        self.teacher = (self.teacher[0], _flags(frozen, False))
+        self.teacher = (self.teacher[0], with_quant_flags(frozen, False))
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self.step_fn(state, self.frozen, self.teacher, batch)

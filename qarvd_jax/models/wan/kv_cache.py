@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["KVCache", "CrossKV", "init_kv_cache", "cache_len_tokens", "advance_layer_cache"]
+__all__ = ["KVCache", "CrossKV", "init_kv_cache", "new_cache", "cache_len_tokens", "advance_layer_cache"]
 
 
 @struct.dataclass
@@ -61,6 +61,15 @@ def init_kv_cache(num_layers: int, batch: int, cache_len: int, num_heads: int, h
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     zeros_v = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     return KVCache(k=zeros, v=zeros_v, global_end=jnp.zeros((), jnp.int32), local_end=jnp.zeros((), jnp.int32))
+
+
+def new_cache(cfg, batch: int, num_frames: int, frame_seq_length: int, dtype=None) -> KVCache:
+    """Empty cache for a :class:`WanDiTConfig` and a video of ``num_frames`` latent frames (the whole
+    video with global attention, the window with ``local_attn_size``)."""
+    if num_frames > cfg.rope_max_positions:
+        raise ValueError(f"{num_frames} frames exceed the RoPE table ({cfg.rope_max_positions} positions)")
+    length = cache_len_tokens(cfg.local_attn_size, num_frames, frame_seq_length)
+    return init_kv_cache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, dtype or jnp.dtype(cfg.dtype))
 
 
 def _roll_plan(global_end, local_end, current_start, num_new: int, cache_len: int, local_attn_size: int):

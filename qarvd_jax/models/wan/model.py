@@ -313,12 +313,7 @@ class CausalWanModel(nnx.Module):
     # --------------------------------------------------------------------------- inference path
     def init_cache(self, batch: int, num_frames: int, frame_seq_length: int, dtype=None) -> kvc.KVCache:
         """Empty self-attention cache sized for ``num_frames`` latent frames (or the local window)."""
-        cfg = self.config
-        if num_frames > cfg.rope_max_positions:
-            raise ValueError(f"{num_frames} frames exceed the RoPE table ({cfg.rope_max_positions} positions)")
-        length = kvc.cache_len_tokens(cfg.local_attn_size, num_frames, frame_seq_length)
-        return kvc.init_kv_cache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim,
-                                 dtype or _dtype(cfg.dtype))
+        return kvc.new_cache(self.config, batch, num_frames, frame_seq_length, dtype)
 
     def forward_chunk(self, x: jax.Array, t: jax.Array, cross: kvc.CrossKV, cache: kvc.KVCache,
                       current_start: jax.Array | int) -> tuple[jax.Array, kvc.KVCache]:

@@ -355,11 +355,17 @@ def decode_chunks(model: WanVAE, chunks: Sequence[jax.Array], cache: FeatureCach
     """
     if not chunks:
         raise ValueError("decode_chunks needs at least one chunk")
-    step = decode_chunk_jit if jit else (lambda m, z, c: m.decode_chunk(z, c))
+    if jit:
+        graphdef, state = nnx.split(model)  # once per call, not once per frame
+
+        def step(z, c):
+            return _decode_chunk_functional(graphdef, state, z, c)
+    else:
+        step = model.decode_chunk
     outs = []
     for chunk in chunks:
         pieces = [chunk[:, :, i:i + 1] for i in range(chunk.shape[2])] if per_frame else [chunk]
         for piece in pieces:
-            pixels, cache = step(model, piece, cache)
+            pixels, cache = step(piece, cache)
             outs.append(pixels)
     return jnp.concatenate(outs, axis=2), cache
