@@ -24,7 +24,8 @@ from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
 from qarvd_jax.pipeline.text_to_video import GenerateConfig, TextToVideo, build_text_to_video
 from qarvd_jax.quant.recipe import QARVDConfig
 
-__all__ = ["DEMO_PROMPTS", "Stack", "build_stack", "run_sensitivity", "run_quantize_qarvd", "write_json"]
+__all__ = ["DEMO_PROMPTS", "Stack", "build_stack", "run_sensitivity", "run_quantize_qarvd", "run_quantize_method",
+           "quantize_copy", "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,42 @@ def run_quantize_qarvd(stack: Stack, cfg: QARVDConfig, calib_prompts, *, seed: i
     os.makedirs(out_dir, exist_ok=True)
     ckpt = os.path.join(out_dir, "quantized")
     meta = {"method": "qarvd", "recipe": dataclasses.asdict(cfg), "sensitivity": sensitivity,
+            "calibration_prompts": list(calib_prompts), "seed": seed}
+    save_quantized(ckpt, model, metadata=meta, overwrite=overwrite)
+    write_json(os.path.join(out_dir, "quantize.json"), {**meta, **summary})
+    return ckpt
+
+
+def quantize_copy(stack: Stack, method: str, cfg, calib_prompts, *, seed: int, sensitivity=None, rules=None):
+    """A quantized copy of the DiT by ``method`` (:mod:`qarvd_jax.quant.methods`), calibrated on
+    ``calib_prompts`` with seeds ``seed, seed + 1, ...``. Returns ``(model, summary)``; ``qarvd`` runs
+    exactly :func:`run_qarvd_ptq` (as :func:`run_quantize_qarvd`)."""
+    from flax import nnx
+
+    from qarvd_jax.quant import methods
+
+    model = nnx.clone(stack.dit)
+    cal = methods.Calibration(stack.embeds(calib_prompts), _seeds(seed, len(calib_prompts)), stack.latent_shape,
+                              sampler=stack.t2v.pipeline.config, sensitivity=sensitivity, seed=seed)
+    summary = methods.get(method).quantize_model(model, cal, cfg, rules)
+    return model, summary
+
+
+def run_quantize_method(stack: Stack, method: str, cfg, calib_prompts, *, seed: int, out_dir: str,
+                        sensitivity=None, overwrite: bool = True) -> str:
+    """Step 2 with any registered method; ``qarvd`` is :func:`run_quantize_qarvd` unchanged. Writes
+    ``OUT/quantized`` (method and config recorded in its metadata) and ``OUT/quantize.json``."""
+    from qarvd_jax.quant.checkpoint import save_quantized
+    from qarvd_jax.quant.methods import get
+
+    name = get(method).NAME
+    if name == "qarvd":
+        return run_quantize_qarvd(stack, cfg, calib_prompts, seed=seed, out_dir=out_dir, sensitivity=sensitivity,
+                                  overwrite=overwrite)
+    model, summary = quantize_copy(stack, name, cfg, calib_prompts, seed=seed, sensitivity=sensitivity)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = os.path.join(out_dir, "quantized")
+    meta = {"method": name, "recipe": dataclasses.asdict(cfg), "sensitivity": sensitivity,
             "calibration_prompts": list(calib_prompts), "seed": seed}
     save_quantized(ckpt, model, metadata=meta, overwrite=overwrite)
     write_json(os.path.join(out_dir, "quantize.json"), {**meta, **summary})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from qarvd_jax.cli._common import add_model_args, add_qarvd_config_args
+from qarvd_jax.cli._types import positive_int
 
 
 def register(sub) -> None:
@@ -22,10 +23,14 @@ def register(sub) -> None:
                        "generations; --config/KEY=VALUE are QATConfig fields (configs/qat_tiny.yaml). Rerunning a "
                        "qat command resumes from OUT/checkpoints. Writes OUT/quantized (Orbax) and a summary json.")
     add_model_args(p)
-    p.add_argument("--method", choices=["qarvd", "qat"], default="qarvd")
+    from qarvd_jax.quant.methods import available
+
+    p.add_argument("--method", choices=[*available(), "qat"], default="qarvd",
+                   help="a post-training method of qarvd_jax.quant.methods (--config/KEY=VALUE: its Config "
+                   "fields, configs/methods/NAME.yaml) or qat")
     p.add_argument("--out", required=True, help="run folder (the checkpoint goes to OUT/quantized)")
     p.add_argument("--sensitivity", help="sensitivity.json from step 1 (chunk weights); omit for uniform weights")
-    p.add_argument("--calib-prompts", type=int, help="calibration videos (Q-ARVD: 1, the first prompt)")
+    p.add_argument("--calib-prompts", type=positive_int, help="calibration videos (Q-ARVD: 1, the first prompt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/quantized (qarvd; qat always "
                    "rewrites it at the end of a run)")
     g = p.add_argument_group("quantization-aware training (--method qat)")
@@ -49,9 +54,11 @@ def run(args) -> int:
     import os
 
     from qarvd_jax.cli._common import generate_config, prompts, qarvd_config
-    from qarvd_jax.workflow import build_stack, run_quantize_qarvd
+    from qarvd_jax.quant.methods import load_method_config
+    from qarvd_jax.workflow import build_stack, run_quantize_method
 
-    cfg = qarvd_config(args)
+    cfg = qarvd_config(args) if args.method == "qarvd" else load_method_config(args.method, args.config,
+                                                                                 args.overrides)
     if os.path.exists(os.path.join(args.out, "quantized")) and not args.overwrite:
         raise FileExistsError(f"{args.out}/quantized already exists (use --overwrite)")
     sens = None
@@ -59,8 +66,8 @@ def run(args) -> int:
         with open(args.sensitivity) as fh:
             sens = json.load(fh)["sensitivity"]
     stack = build_stack(generate_config(args), args.out)
-    ckpt = run_quantize_qarvd(stack, cfg, prompts(args)[: args.calib_prompts or 1], seed=args.seed, out_dir=args.out,
-                              sensitivity=sens)
+    ckpt = run_quantize_method(stack, args.method, cfg, prompts(args)[: args.calib_prompts or 1], seed=args.seed,
+                               out_dir=args.out, sensitivity=sens)
     print(f"quantized checkpoint -> {ckpt}\ngenerate with: qarvd generate --quantized {ckpt} --prompts FILE --out DIR")
     return 0
 

@@ -29,7 +29,23 @@ from qarvd_jax.models.wan.kv_cache import CrossKV, KVCache
 from qarvd_jax.models.wan.model import CausalWanModel
 from qarvd_jax.pipeline import scheduler as sch
 
-__all__ = ["InferenceConfig", "ChunkRecord", "CausalInferencePipeline"]
+__all__ = ["InferenceConfig", "ChunkRecord", "CausalInferencePipeline", "with_step_context"]
+
+
+def with_step_context(params, step, chunk):
+    """``params`` with every ``step_index`` / ``chunk_index`` leaf (the StepContext of per-timestep
+    quantized layers, :mod:`qarvd_jax.quant.methods`) set to the traced pass and chunk index: the step
+    context is passed explicitly into every model call, never counted. Same structure, no recompile."""
+
+    def one(path, x):
+        names = [getattr(k, "key", None) for k in path]
+        if "step_index" in names:
+            return jnp.full_like(x, step)
+        if "chunk_index" in names:
+            return jnp.full_like(x, chunk)
+        return x
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 @dataclass(frozen=True)
@@ -95,8 +111,11 @@ class CausalInferencePipeline:
         cross, inter = nnx.capture(lambda m: m.cross_kv(context), nnx.Intermediate)(model)
         return cross, nnx.to_pure_dict(inter)
 
-    def _chunk_impl(self, graphdef, params, noise, renoise, cross: CrossKV, cache: KVCache, current_start):
+    def _chunk_impl(self, graphdef, params, noise, renoise, cross: CrossKV, cache: KVCache, current_start,
+                    chunk_index=0):
         """noise [B, Fc, C, H, W]; renoise [S-1, B, Fc, C, H, W] -> (record arrays, cache).
+
+        Pass s of chunk ``chunk_index`` (traced) runs with the step context (s, chunk_index).
 
         Intermediates sown by the model (``nnx.Intermediate``, e.g. calibration inputs) are popped
         after every pass and returned stacked over passes."""
@@ -113,7 +132,7 @@ class CausalInferencePipeline:
             renoised = sch.add_noise(x0_prev, eps_s, tau, tables)
             x_in = jnp.where(s == 0, noise, jnp.where(s == num_steps, x0_prev, renoised)).astype(noise.dtype)
             t = jnp.full((b, fc), tau, jnp.float32)
-            model = nnx.merge(graphdef, params)  # merged inside the scan: sown values stay at this level
+            model = nnx.merge(graphdef, with_step_context(params, s, chunk_index))  # sown values stay here
             (flow, cache), inter = nnx.capture(
                 lambda m: m.forward_chunk(x_in, t, cross, cache, current_start), nnx.Intermediate)(model)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
@@ -195,7 +214,7 @@ class CausalInferencePipeline:
                 graphdef, params = chosen if isinstance(chosen, tuple) else (graphdef, chosen)
             start = jnp.asarray(ci * fc * fsl, jnp.int32)
             inputs, flows, x0s, inter, cache = self._chunk_fn(graphdef, params, chunk_noise, draws, cross, cache,
-                                                              start)
+                                                              start, jnp.asarray(ci, jnp.int32))
             yield ChunkRecord(index=ci, output=x0s[steps - 1], inputs=inputs, flows=flows, x0s=x0s,
                               extras={"cache": cache, "renoise": draws, "intermediates": inter})
 

@@ -30,10 +30,15 @@ def _host(tree):
 def save_quantized(dst: str | os.PathLike, model: nnx.Module, *, metadata: Mapping[str, Any] | None = None,
                    overwrite: bool = False) -> str:
     """Save a quantized CausalWanModel (params + QuantState + layer configs) as an Orbax directory."""
+    from qarvd_jax.quant.methods.model import method_layers_metadata
+
     layers = {name: layer.cfg.to_dict() for name, layer in iter_quant_layers(model)}
-    if not layers:
+    method_layers = method_layers_metadata(model)  # layers of methods beyond the QuantLinear layout
+    if not layers and not method_layers:
         raise ValueError("the model has no quantized layers; quantize it before saving")
     meta = {"format": QUANT_FORMAT, "model_config": model.config.to_dict(), "layers": layers, **(metadata or {})}
+    if method_layers:
+        meta["method_layers"] = method_layers
     params = _host(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     quant = _host(nnx.to_pure_dict(nnx.state(model, QuantState)))
     return save_trees(dst, {"params": params, "quant": quant}, meta, overwrite=overwrite)
@@ -64,6 +69,14 @@ def load_quantized_model(path: str | os.PathLike, dtype: str | None = None):
     model = nnx.eval_shape(lambda: CausalWanModel(cfg, rngs=nnx.Rngs(0)))
     placeholders = {n: np.arange(c.n_outlier) for n, c in layers.items() if c.n_outlier}
     install_layers(model, layers, placeholders)
+    if meta.get("method_layers"):
+        from qarvd_jax.quant.methods.model import install_placeholders
+
+        install_placeholders(model, meta["method_layers"])
     load_variables(model, nnx.Param, trees["params"], float_dtype=jnp.dtype(cfg.param_dtype), source=path)
     load_variables(model, QuantState, trees["quant"], source=path)
+    if meta.get("method_layers"):
+        from qarvd_jax.quant.methods.model import reset_step_context
+
+        reset_step_context(model)
     return model, meta

@@ -81,7 +81,7 @@ class QARVDConfig:
     """Every hyperparameter of Q-ARVD (qarvd_method.md), with the spec's defaults."""
 
     w_bits: int = 4
-    a_bits: int = 8
+    a_bits: int | None = 8  # None: full-precision activations
     # scope: every block linear + the text embedding; cross-attn k/v and the text embedding are RTN
     quantize_text_embedding: bool = True
     # outlier-aware dual-scale splitting (weights only)
@@ -111,11 +111,15 @@ class QARVDConfig:
     # (None: all at once) and keep at most this many tokens of every recorded input (None: all)
     calib_layer_group: int | None = None
     calib_tokens: int | None = None
+    # host-memory budget (GiB) of the recorded calibration inputs when calib_layer_group is unset: layers
+    # are grouped (exact: each group re-runs the same seeded generations) so that one group's inputs fit,
+    # and tokens are subsampled only if a single layer does not fit. None: min(16, half the available RAM)
+    calib_memory_gb: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
         for name in ("w_bits", "a_bits"):
-            if not 2 <= getattr(self, name) <= 16:
+            if getattr(self, name) is not None and not 2 <= getattr(self, name) <= 16:
                 raise ValueError(f"QARVDConfig.{name}={getattr(self, name)} must be in [2, 16]")
         if self.align < 1:
             raise ValueError(f"QARVDConfig.align={self.align} must be >= 1")

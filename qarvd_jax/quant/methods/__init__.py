@@ -1,0 +1,60 @@
+"""Quantizer variants behind one interface (issue 11; specs in ``quantizer_variants.md``).
+
+    from qarvd_jax.quant import methods
+    methods.available()                    # ('gptq', 'qarvd', 'rtn', 'smoothquant', 'svdquant', 'vidit-q')
+    m = methods.get("gptq")
+    cfg = m.Config(w_bits=4, a_bits=None)  # or load_method_config("gptq", "configs/methods/gptq.yaml", ["w_bits=4"])
+    layer = m.quantize_layer(kernel, bias, calib_inputs, cfg)   # kernel [in, out], calib_inputs [n, in]
+    y = layer(x)                                                # x [..., in], pure and jit-able
+    summary = m.quantize_model(model, calibration, cfg)        # the whole DiT, in place, by rules
+
+Every method is one module of this package listed in :data:`METHODS` (module name -> public name);
+adding a method means adding its file and one entry here. Shared pieces: :mod:`.base` (layer data,
+quantizers, :class:`~.base.MethodLinear`), :mod:`.model` (calibration collection, rules).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["available", "get", "load_method_config", "Calibration", "MethodRule", "METHODS"]
+
+# public name -> module in this package
+METHODS = {
+    "rtn": "rtn",
+    "smoothquant": "smoothquant",
+    "gptq": "gptq",
+    "vidit-q": "vidit_q",
+    "svdquant": "svdquant",
+    "qarvd": "qarvd",
+}
+
+
+def available() -> tuple[str, ...]:
+    """Names of the registered methods (sorted)."""
+    return tuple(sorted(METHODS))
+
+
+def get(name: str) -> ModuleType:
+    """The method module ``name`` (``Config``, ``quantize_layer``, ``quantize_model``, ``apply``, ...)."""
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+    if key not in METHODS:
+        raise ValueError(f"unknown quantization method {name!r}; available: {', '.join(available())}")
+    return importlib.import_module(f"{__name__}.{METHODS[key]}")
+
+
+def load_method_config(name: str, path=None, overrides=()):
+    """``get(name).Config`` from an optional YAML file plus ``key=value`` overrides."""
+    from qarvd_jax.config import load_config
+
+    return load_config(get(name).Config, path, overrides)
+
+
+def __getattr__(name: str):
+    # lazy: ``available()`` stays import-light (the CLI parser calls it)
+    if name in ("Calibration", "MethodRule"):
+        from qarvd_jax.quant.methods import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
