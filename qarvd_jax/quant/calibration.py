@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
@@ -285,10 +286,82 @@ def reconstruct_layers(model: nnx.Module, data: CalibrationData, cfg: QARVDConfi
     return stats
 
 
-def _layer_groups(model: nnx.Module, cfg: QARVDConfig) -> list[list[str]]:
-    names = [n for n, _ in iter_quant_layers(model)]
-    size = cfg.calib_layer_group or len(names)
-    return [names[i:i + size] for i in range(0, len(names), size)]
+def default_calib_memory_gb() -> float:
+    """The default calibration budget: min(16 GiB, half the available host RAM)."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024 ** 3
+    except (ValueError, OSError, AttributeError):
+        avail = 32.0
+    return float(min(16.0, 0.5 * avail))
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """Layer groups of the collection passes, the token cap and their host bytes (float32 inputs)."""
+
+    groups: list
+    max_tokens: int | None
+    budget_bytes: int
+    peak_bytes: int  # the largest group's recorded inputs
+    total_bytes: int  # every layer at once, uncapped
+
+
+def plan_calibration(model: nnx.Module, cfg: QARVDConfig, *, videos: int, calls_per_video: int,
+                     tokens_per_call: int, frames_per_call: int) -> CalibrationPlan:
+    """Groups (module order) whose recorded inputs fit ``cfg.calib_memory_gb``.
+
+    Per layer: ``samples x tokens x in_features x 4`` bytes, with one sample per video and call
+    (``cross_attn.k/v`` and ``text_embedding``: once per video, ``text_len`` tokens;
+    ``time_embedding``/``time_projection``: one token per frame). ``calib_layer_group`` (a fixed group
+    size) takes precedence. Tokens are capped (below ``calib_tokens``) only when one layer alone does
+    not fit; grouping alone is exact.
+    """
+    text_len = model.config.text_len
+    sizes = []
+    for name, layer in iter_quant_layers(model):
+        din = int(layer.kernel.shape[0])
+        if name.startswith("text_embedding") or ".cross_attn.k" in name or ".cross_attn.v" in name:
+            samples, tokens = videos, text_len
+        elif name.startswith(("time_embedding", "time_projection")):
+            samples, tokens = videos * calls_per_video, frames_per_call
+        else:
+            samples, tokens = videos * calls_per_video, tokens_per_call
+        sizes.append((name, samples, tokens, din))
+    nbytes = lambda s, t, d, cap: s * (t if cap is None else min(t, cap)) * d * 4
+    total = sum(nbytes(s, t, d, None) for _, s, t, d in sizes)
+    budget = int((cfg.calib_memory_gb if cfg.calib_memory_gb is not None else default_calib_memory_gb()) * 1024 ** 3)
+    cap = cfg.calib_tokens
+    if cfg.calib_layer_group:
+        size = cfg.calib_layer_group
+        groups = [sizes[i:i + size] for i in range(0, len(sizes), size)]
+    else:
+        worst = max(nbytes(s, t, d, cap) for _, s, t, d in sizes)
+        if worst > budget:  # one layer alone does not fit: subsample tokens so that the largest one does
+            cap = max(1, min(budget // (s * d * 4) for _, s, t, d in sizes if nbytes(s, t, d, cap) > budget))
+            log.warning("calibration: a single layer's inputs exceed calib_memory_gb=%.1f; keeping %d tokens per "
+                        "sample", budget / 1024 ** 3, cap)
+        groups, cur, used = [], [], 0
+        for item in sizes:
+            b = nbytes(*item[1:], cap)
+            if cur and used + b > budget:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(item)
+            used += b
+        if cur:
+            groups.append(cur)
+    peak = max(sum(nbytes(*it[1:], cap) for it in g) for g in groups)
+    return CalibrationPlan(groups=[[it[0] for it in g] for g in groups], max_tokens=cap, budget_bytes=budget,
+                           peak_bytes=peak, total_bytes=total)
+
+
+def _pipeline_plan(model: nnx.Module, pipeline, prompt_embeds, latent_shape, cfg: QARVDConfig) -> CalibrationPlan:
+    mc = model.config
+    f, _, h, w = latent_shape
+    calls = (f // mc.num_frame_per_block) * (len(pipeline.config.denoising_step_list) + 1)
+    return plan_calibration(model, cfg, videos=len(prompt_embeds), calls_per_video=calls,
+                            tokens_per_call=mc.num_frame_per_block * mc.frame_seq_length(h, w),
+                            frames_per_call=mc.num_frame_per_block)
 
 
 def calibrate_rtn(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds, latent_shape, cfg: QARVDConfig,
@@ -301,11 +374,12 @@ def calibrate_rtn(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds,
     the inputs of the next: ``cfg.calib_layer_group`` only bounds memory.
     """
     init_weight_quantizers(model, cfg)
-    groups = _layer_groups(model, cfg)
+    plan = _pipeline_plan(model, pipeline, prompt_embeds, latent_shape, cfg)
+    groups = plan.groups
     set_quant_flags(model, weights=True, acts=False)
     for gi, group in enumerate(groups):
         acts = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, names=group,
-                              max_tokens=cfg.calib_tokens, desc=f"pass B (W on, A off) {gi + 1}/{len(groups)}")
+                              max_tokens=plan.max_tokens, desc=f"pass B (W on, A off) {gi + 1}/{len(groups)}")
         calibrate_activations(model, acts, cfg, omega, names=group)
         del acts
     return groups
@@ -330,7 +404,8 @@ def run_qarvd_ptq(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds,
         merged: dict = {}  # merged weights are written after every group has seen the FP model
         for gi, group in enumerate(groups):
             fp = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, names=group,
-                                max_tokens=cfg.calib_tokens, desc=f"pass C (FP) {gi + 1}/{len(groups)}")
+                                max_tokens=_pipeline_plan(model, pipeline, prompt_embeds, latent_shape, cfg).max_tokens,
+                                desc=f"pass C (FP) {gi + 1}/{len(groups)}")
             recon.update(reconstruct_layers(model, fp, cfg, omega, names=group, deferred=merged))
             del fp
         layers_by_name = dict(iter_quant_layers(model))

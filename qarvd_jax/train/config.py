@@ -52,7 +52,19 @@ class QATConfig:
       resample_noise: draw fresh noise every step (True) or fix it per prompt (a fixed data set).
       compute_dtype: model compute dtype; master weights, quantizer state and optimiser state are
         always float32 (mixed precision).
-      remat: recompute each model call in the backward pass (``jax.checkpoint``) to save memory.
+      rollout_gradient: "per_call" (default): the gradient goes through one model call (chunk x
+        denoising step) at a time; the KV cache each call reads enters with ``stop_gradient`` and the
+        context pass runs forward only (as in Self-Forcing and QVGen training); memory of one call.
+        "full": backpropagation through the whole multi-chunk rollout, through the student's cache
+        (memory grows with every call: small models only). See :mod:`qarvd_jax.train.rollout`.
+      remat: rematerialise in the backward pass (``jax.checkpoint``): per transformer block with
+        ``remat_policy`` (``per_call``), or each whole model call (``full``).
+      remat_policy: a ``jax.checkpoint_policies`` name; ``nothing_saveable`` keeps only block inputs.
+      scan_layers: run the blocks under ``lax.scan`` over stacked per-block states (``per_call``;
+        a Python loop when blocks differ, e.g. dual-scale layers with different outlier counts).
+      attention: attention implementation of the student and teacher during training ("flash":
+        O(block) memory forward and backward; cuDNN on GPU). The exported model keeps the
+        checkpoint's own setting.
 
     Data / init
       seed: seed of the noise and of the data order.
@@ -71,7 +83,8 @@ class QATConfig:
       logical_axis_rules: ``[logical, mesh_axis...]`` rows (see :mod:`qarvd_jax.train.sharding`).
       distributed: call ``jax.distributed.initialize()`` (multi-host; env QARVD_DISTRIBUTED=1 also does).
 
-    Quantization recipe of the initial (RTN + calibrated) model: as :class:`QARVDConfig`.
+    Quantization recipe of the initial (RTN + calibrated) model: as :class:`QARVDConfig`, including
+    the calibration memory bounds ``calib_memory_gb``, ``calib_layer_group`` and ``calib_tokens``.
     """
 
     # optimisation
@@ -94,6 +107,10 @@ class QATConfig:
     resample_noise: bool = True
     compute_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     remat: bool = True
+    rollout_gradient: Literal["per_call", "full"] = "per_call"
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = True
+    attention: str = "flash"
     # data / init
     seed: int = 0
     calib_prompts: int = 1
@@ -118,6 +135,11 @@ class QATConfig:
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     hist_bins: int = 32768
     chunk_weighting: bool = True
+    # calibration memory (see QARVDConfig): host budget in GiB (None: min(16, half the free RAM)),
+    # or a fixed layer-group size, and a token cap per recorded input
+    calib_memory_gb: float | None = None
+    calib_layer_group: int | None = None
+    calib_tokens: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "logical_axis_rules", tuple(tuple(str(a) for a in r)
@@ -152,7 +174,9 @@ class QATConfig:
         return QARVDConfig(w_bits=self.w_bits, a_bits=self.a_bits, dual_scale=self.dual_scale,
                            outlier_method=self.outlier_method, align=self.align,
                            quantize_text_embedding=self.quantize_text_embedding, percentiles=self.percentiles,
-                           hist_bins=self.hist_bins, chunk_weighting=self.chunk_weighting, reconstruct=False)
+                           hist_bins=self.hist_bins, chunk_weighting=self.chunk_weighting, reconstruct=False,
+                           calib_memory_gb=self.calib_memory_gb, calib_layer_group=self.calib_layer_group,
+                           calib_tokens=self.calib_tokens)
 
     def replace(self, **kw) -> "QATConfig":
         return dataclasses.replace(self, **kw)

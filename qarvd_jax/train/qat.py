@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from qarvd_jax.models.wan.model import block_stack_plan
 from qarvd_jax.quant.qlinear import QuantState, iter_quant_layers, set_quant_flags, with_quant_flags
 from qarvd_jax.train import sharding as shd
 from qarvd_jax.train.config import QATConfig
@@ -96,7 +97,7 @@ def prepare_student(dit, cfg: QATConfig):
     from qarvd_jax.models.wan.model import CausalWanModel
     from qarvd_jax.quant.calibration import prepare_quantized_model
 
-    mcfg = dit.config.replace(param_dtype="float32", dtype=cfg.compute_dtype)
+    mcfg = dit.config.replace(param_dtype="float32", dtype=cfg.compute_dtype, attention=cfg.attention)
     model = nnx.eval_shape(lambda: CausalWanModel(mcfg, rngs=nnx.Rngs(0)))
     state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                          nnx.state(dit))
@@ -130,7 +131,7 @@ def _put(tree, shardings):
 # QATConfig fields the jitted step depends on (besides the schedule length)
 _STEP_FIELDS = ("lr", "weight_lr", "train_weights", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay",
                 "clip_norm", "min_scale", "target", "resample_noise", "compute_dtype", "remat", "seed",
-                "logical_axis_rules", "batch_size")
+                "logical_axis_rules", "batch_size", "rollout_gradient", "remat_policy", "scan_layers", "attention")
 
 
 def _step_key(cfg: QATConfig) -> tuple:
@@ -157,8 +158,11 @@ def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict
         keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(cfg.seed), p))(batch["prompt_id"])
     noise, renoise = distiller.sample_noise(keys)
     traj = distiller.teacher_rollout(teacher, batch["embeds"], noise, renoise)
-    (loss, aux), grads = jax.value_and_grad(distiller.student_loss, has_aux=True)(
-        state.trainable, frozen, batch["embeds"], traj)
+    if distiller.rollout_gradient == "per_call":
+        (loss, aux), grads = distiller.student_loss_and_grad(state.trainable, frozen, batch["embeds"], traj)
+    else:
+        (loss, aux), grads = jax.value_and_grad(distiller.student_loss, has_aux=True)(
+            state.trainable, frozen, batch["embeds"], traj)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = project_scales(optax.apply_updates(state.trainable, updates), cfg.min_scale)
     metrics = {"loss": loss, "chunk_loss": aux["chunk_loss"], "grad_norm": optax.tree.norm(grads),
@@ -183,7 +187,7 @@ class QATTrainer:
     """
 
     def __init__(self, model, cfg: QATConfig, mesh: Mesh, latent_shape, sampler, omega=None,
-                 jit_cache: dict | None = None):
+                 jit_cache: dict | None = None, abstract: bool = False):
         self.cfg, self.mesh = cfg, mesh
         self.rules = shd.rules_table(cfg.logical_axis_rules)
         batch_axes = self.rules.get("batch", ())
@@ -200,12 +204,23 @@ class QATTrainer:
                                    opt_state=shd.tree_shardings(opt_shape, mesh, self.rules), rng=rep)
         self.batch_sh = {"embeds": shd.batch_sharding(mesh, self.rules, 3),
                          "prompt_id": shd.batch_sharding(mesh, self.rules, 1)}
-        self._host_trainable, self._host_frozen = trainable, frozen
-        self.frozen = _put(frozen, self.frozen_sh)
-        self.teacher = (_put(trainable, self.trainable_sh), with_quant_flags(self.frozen, False))
+        if abstract:  # shapes only (memory planning): nothing is placed on devices
+            sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
+            trainable, frozen = sds(trainable), sds(frozen)
+            self._host_trainable, self._host_frozen = trainable, frozen
+            self.frozen = abstract_like(frozen, self.frozen_sh)
+            self.teacher = (abstract_like(trainable, self.trainable_sh), self.frozen)
+        else:
+            # host numpy copies (not arrays on device 0), for init_state / abstract_state
+            trainable, frozen = jax.tree.map(np.asarray, trainable), jax.tree.map(np.asarray, frozen)
+            self._host_trainable, self._host_frozen = trainable, frozen
+            self.frozen = _put(frozen, self.frozen_sh)
+            self.teacher = (_put(trainable, self.trainable_sh), with_quant_flags(self.frozen, False))
         self.distiller = Distiller(self.graphdef, model.config, latent_shape, sampler, omega=omega,
                                    target=cfg.target, remat=cfg.remat,
-                                   batch_constraint=lambda nd: shd.batch_sharding(mesh, self.rules, nd))
+                                   batch_constraint=lambda nd: shd.batch_sharding(mesh, self.rules, nd),
+                                   rollout_gradient=cfg.rollout_gradient, block_plan=block_stack_plan(model),
+                                   scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
         key = (self.graphdef, _step_key(cfg), tuple(latent_shape), sampler, None if omega is None else
                tuple(np.asarray(omega, np.float32).tolist()), mesh)
         if jit_cache is not None and key in jit_cache:
@@ -217,6 +232,17 @@ class QATTrainer:
                                    out_shardings=(self.state_sh, rep), donate_argnums=(0,))
             if jit_cache is not None:
                 jit_cache[key] = self.step_fn
+
+    def abstract_step_args(self):
+        """Sharded ``ShapeDtypeStruct`` arguments of ``step_fn`` (lower and compile without data)."""
+        state, frozen = self.abstract_state()
+        b = self.cfg.batch_size
+        mc = self.model_config
+        batch = {"embeds": jax.ShapeDtypeStruct((b, mc.text_len, mc.text_dim), jnp.float32,
+                                                sharding=self.batch_sh["embeds"]),
+                 "prompt_id": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self.batch_sh["prompt_id"])}
+        teacher = (abstract_like(self._host_trainable, self.trainable_sh), frozen)
+        return state, frozen, teacher, batch
 
     def init_state(self) -> TrainState:
         """Step 0: trainable leaves from the model, fresh optimiser state, ``key(seed)``."""

@@ -14,13 +14,29 @@ Per video (all arrays batched over B; K chunks of Fc frames, S denoising steps):
   ``CausalInferencePipeline`` does (pass 0 from noise, pass s re-noises the previous x0 to tau_s,
   pass S is the context pass), recording each pass's input ``x_t`` and flow: ``inputs``/``flows``
   [K, S+1, B, Fc, C, H, W]. No gradient.
-* :meth:`Distiller.student_loss`: the quantized model replays the teacher's inputs chunk by chunk
-  with its own cross-attention K/V and KV cache (its context pass consumes the teacher's clean x0),
-  so gradients flow through the cache into earlier chunks. Loss::
+* The student replays the teacher's inputs chunk by chunk with its own cross-attention K/V and KV
+  cache (its context pass consumes the teacher's clean x0). Loss::
 
       L = 1/(K S) * sum_k omega_k * sum_{s<S} mean((y_student[k,s] - y_teacher[k,s])^2)
 
   with y the flow (``target="flow"``) or x0 (``target="x0"``) and omega the chunk weights (mean 1).
+
+Two gradients of that loss (``rollout_gradient``):
+
+* ``per_call`` (default, :meth:`Distiller.student_loss_and_grad`): the gradient goes through one model
+  call at a time. The KV cache each call reads enters with ``stop_gradient`` (the context pass runs
+  forward only and just refreshes the cache), as in Self-Forcing's and QVGen's training. Each of the
+  K x S denoising calls is differentiated inside the scans and its gradient accumulated, so memory is
+  that of one call (with per-block rematerialisation: the 30 block inputs plus one block's
+  recompute), not of the rollout. The cross-attention K/V gradient is accumulated over calls and
+  pulled back through the text projections once.
+* ``full`` (:meth:`Distiller.student_loss`): backpropagation through the whole rollout; gradients also
+  flow through the student's cache into later chunks. Memory grows with every call (about 6 GB per
+  call at the real 1.3B geometry); for small models and cache-error studies.
+
+In ``per_call`` mode the transformer blocks run from stacked per-block states under ``lax.scan``
+(``scan_layers``; :class:`qarvd_jax.models.wan.model.BlockStack`), which also keeps the compiled
+program small; the model's parameter tree (``blocks.<i>``) is unchanged.
 """
 
 from __future__ import annotations
@@ -32,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qarvd_jax.models.wan import kv_cache as kvc
+from qarvd_jax.models.wan.model import BlockStack
 from qarvd_jax.pipeline import scheduler as sch
 from qarvd_jax.pipeline.causal_inference import InferenceConfig
 
@@ -57,13 +75,19 @@ class Distiller:
       latent_shape: (F, C, h, w) of one video.
       sampler: the pipeline's :class:`InferenceConfig` (timesteps, shift, context noise).
       omega: [K] chunk weights (mean 1), or None for ones.
-      target: "flow" or "x0"; remat: rematerialise each student model call in the backward pass.
+      target: "flow" or "x0"; remat: rematerialise in the backward pass (``per_call``: each block,
+        with ``remat_policy``; ``full``: each whole model call).
       batch_constraint: optional ``NamedSharding``-producing ``ndim -> sharding`` for batch-leading
         arrays (noise, caches); None: no constraints.
+      rollout_gradient: ``"per_call"`` or ``"full"`` (module docstring).
+      block_plan: :func:`qarvd_jax.models.wan.model.block_stack_plan` of the model (required for
+        ``per_call``); one graphdef: blocks stacked and scanned (unless ``scan_layers`` is false).
+      remat_policy: name of a ``jax.checkpoint_policies`` entry (default ``nothing_saveable``).
     """
 
     def __init__(self, graphdef, model_config, latent_shape, sampler: InferenceConfig, *, omega=None,
-                 target: str = "flow", remat: bool = True, batch_constraint=None):
+                 target: str = "flow", remat: bool = True, batch_constraint=None, rollout_gradient: str = "full",
+                 block_plan=None, scan_layers: bool = True, remat_policy: str = "nothing_saveable"):
         cfg = model_config
         self.graphdef = graphdef
         self.model_config = cfg
@@ -91,6 +115,18 @@ class Distiller:
         self.target = target
         self.remat = remat
         self.batch_constraint = batch_constraint
+        if rollout_gradient not in ("per_call", "full"):
+            raise ValueError(f"rollout_gradient must be 'per_call' or 'full', got {rollout_gradient!r}")
+        self.rollout_gradient = rollout_gradient
+        if rollout_gradient == "per_call" and block_plan is None:
+            raise ValueError("rollout_gradient='per_call' needs the model's block_plan")
+        self.num_layers = cfg.num_layers
+        if block_plan is not None and len(block_plan) == 1 and not scan_layers:
+            block_plan = tuple(block_plan) * cfg.num_layers  # same graph, Python loop
+        self.block_plan = None if block_plan is None else tuple(block_plan)
+        if not hasattr(jax.checkpoint_policies, remat_policy):
+            raise ValueError(f"unknown remat_policy {remat_policy!r} (a name in jax.checkpoint_policies)")
+        self.remat_policy = getattr(jax.checkpoint_policies, remat_policy) if remat else None
 
     # ------------------------------------------------------------------------------ helpers
     def _constrain(self, tree, batch: int):
@@ -103,6 +139,60 @@ class Distiller:
             return x
 
         return jax.tree.map(one, tree)
+
+    def _constrain_stacked(self, cache: kvc.KVCache, batch: int) -> kvc.KVCache:
+        """Batch sharding on axis 1 of stacked [L, B, ...] cache arrays."""
+        if self.batch_constraint is None:
+            return cache
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        def one(x):
+            base = self.batch_constraint(x.ndim - 1)
+            return jax.lax.with_sharding_constraint(x, NamedSharding(base.mesh, PartitionSpec(None, *base.spec)))
+
+        return kvc.KVCache(k=one(cache.k), v=one(cache.v), global_end=cache.global_end, local_end=cache.local_end)
+
+    # -------------------------------------------------------------------- stacked blocks (per_call)
+    @property
+    def scanned(self) -> bool:
+        return self.block_plan is not None and len(self.block_plan) == 1
+
+    def _split_blocks(self, state):
+        """``nnx.State`` -> (the state without ``blocks``, per-block states stacked or as a list)."""
+        rest = nnx.State({k: v for k, v in state.items() if k != "blocks"})
+        if "blocks" not in state:
+            return rest, None
+        blocks = [state["blocks"][i] for i in range(self.num_layers)]
+        if self.scanned:
+            blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+        return rest, blocks
+
+    def _block_list(self, blocks):
+        if blocks is None or not self.scanned:
+            return blocks
+        return [jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(self.num_layers)]
+
+    def _join_blocks(self, rest, blocks):
+        """Inverse of :meth:`_split_blocks` (stacked blocks are sliced per layer)."""
+        d = dict(rest.items())
+        if blocks is not None:
+            d["blocks"] = nnx.State(dict(enumerate(self._block_list(blocks))))
+        return nnx.State(d)
+
+    def _bind(self, rests, stacks, remat: bool):
+        """(model, BlockStack) from split states; the model's own blocks are unused slices."""
+        model = nnx.merge(self.graphdef, *(self._join_blocks(r, b) for r, b in zip(rests, stacks)))
+        states = tuple(b if b is not None else (nnx.State({}) if self.scanned else [nnx.State({})] * self.num_layers)
+                       for b in stacks)
+        return model, BlockStack(self.block_plan, states, self.remat_policy if remat else None)
+
+    def _init_stacked_cache(self, batch: int) -> kvc.KVCache:
+        cfg = self.model_config
+        length = kvc.cache_len_tokens(cfg.local_attn_size, self.latent_shape[0], self.frame_seq_length)
+        shape = (cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim)
+        cache = kvc.KVCache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                            global_end=jnp.zeros((), jnp.int32), local_end=jnp.zeros((), jnp.int32))
+        return self._constrain_stacked(cache, batch)
 
     def _call(self, states, x, t, cross, cache, start):
         """One ``forward_chunk``: x [B, Fc, C, H, W], t [B, Fc] -> (flow, cache)."""
@@ -147,7 +237,15 @@ class Distiller:
         b = noise.shape[0]
         fc, steps = self.chunk_frames, self.num_steps
         taus = self._taus()
-        cross = self._cross(states, embeds)
+        if self.block_plan is not None:  # blocks from stacked states (scan), stacked cache
+            rests, stacks = zip(*(self._split_blocks(st) for st in states))
+            model, blocks = self._bind(rests, stacks, remat=False)
+            cross = model.cross_kv(embeds, blocks=blocks)
+            call = lambda _s, x, t, cr, cache, start: model.forward_chunk(x, t, cr, cache, start, blocks=blocks)
+            cache0 = self._init_stacked_cache(b)
+        else:
+            cross = self._cross(states, embeds)
+            call, cache0 = self._call, self._init_cache(states, b)
         chunks = jnp.moveaxis(noise.reshape(b, self.num_chunks, fc, *noise.shape[2:]), 1, 0)  # [K, B, Fc, ...]
 
         def chunk(cache, xs):
@@ -161,7 +259,7 @@ class Distiller:
                 renoised = sch.add_noise(x0_prev, eps_s, tau, self.tables)
                 x_in = jnp.where(s == 0, chunk_noise, jnp.where(s == steps, x0_prev, renoised)).astype(self.dtype)
                 t = jnp.full((b, fc), tau, jnp.float32)
-                flow, cache = self._call(states, x_in, t, cross, cache, start)
+                flow, cache = call(states, x_in, t, cross, cache, start)
                 x0 = sch.flow_to_x0(flow, x_in, t, self.tables).astype(self.dtype)
                 return (jnp.where(s == steps, x0_prev, x0), cache), (x_in, flow)
 
@@ -169,8 +267,7 @@ class Distiller:
                                                        (jnp.arange(steps + 1), taus, eps))
             return cache, (inputs, flows)
 
-        _, (inputs, flows) = jax.lax.scan(chunk, self._init_cache(states, b),
-                                          (jnp.arange(self.num_chunks), chunks, renoise))
+        _, (inputs, flows) = jax.lax.scan(chunk, cache0, (jnp.arange(self.num_chunks), chunks, renoise))
         return jax.lax.stop_gradient(Trajectory(inputs, flows))
 
     # ------------------------------------------------------------------------------ student
@@ -207,3 +304,78 @@ class Distiller:
         loss = jnp.sum(jnp.asarray(self.omega) * chunk_loss) / self.num_chunks
         return loss, {"chunk_loss": chunk_loss}
 
+
+    def student_loss_and_grad(self, trainable, frozen, embeds: jax.Array, traj: Trajectory):
+        """The ``per_call`` objective: loss, aux and its gradient w.r.t. ``trainable``.
+
+        Same loss as :meth:`student_loss`; the gradient treats the KV cache each call reads as a
+        constant (``stop_gradient``) and is accumulated call by call inside the scans (no
+        backpropagation through the rollout). The context pass runs forward only.
+
+        Returns ``((loss [], aux), grads)`` with aux ``{"chunk_loss": [K]}`` and grads like ``trainable``.
+        """
+        b = embeds.shape[0]
+        fc, steps = self.chunk_frames, self.num_steps
+        taus = self._taus()
+        tr_rest, tr_blocks = self._split_blocks(trainable)
+        fr_rest, fr_blocks = self._split_blocks(frozen)
+        diff = (tr_rest, tr_blocks)
+
+        def bind(d, remat):
+            return self._bind((d[0], fr_rest), (d[1], fr_blocks), remat)
+
+        def cross_fn(d):
+            model, blocks = bind(d, False)
+            return model.cross_kv(embeds, blocks=blocks)
+
+        cross, cross_vjp = jax.vjp(cross_fn, diff)
+
+        def call_loss(d, cross, cache, x_in, tau, y_flow, start, weight):
+            model, blocks = bind(d, True)
+            t = jnp.full((b, fc), tau, jnp.float32)
+            flow, new_cache = model.forward_chunk(x_in, t, cross, cache, start, blocks=blocks)
+            pred, ref = flow.astype(jnp.float32), y_flow.astype(jnp.float32)
+            if self.target == "x0":
+                pred, ref = self._x0(pred, x_in, tau), self._x0(ref, x_in, tau)
+            mse = jnp.mean(jnp.square(pred - ref))
+            return weight * mse, (mse, jax.lax.stop_gradient(new_cache))
+
+        grad_call = jax.value_and_grad(call_loss, argnums=(0, 1), has_aux=True)
+
+        def context_call(cache, x_in, tau, start):
+            model, blocks = bind(diff, False)
+            t = jnp.full((b, fc), tau, jnp.float32)
+            return model.forward_chunk(x_in, t, cross, cache, start, blocks=blocks)[1]
+
+        f32 = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+        add = lambda acc, g: jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
+        omega = jnp.asarray(self.omega)
+        scale = 1.0 / (self.num_chunks * steps)
+
+        def chunk(carry, xs):
+            ci, inputs, flows = xs
+            start = (ci * fc * self.frame_seq_length).astype(jnp.int32)
+            weight = omega[ci] * scale
+
+            def one_pass(carry, inp):
+                cache, g_diff, g_cross = carry
+                x_in, tau, y_flow = inp
+                (_, (mse, cache)), (gd, gc) = grad_call(diff, cross, jax.lax.stop_gradient(cache), x_in, tau, y_flow,
+                                                        start, weight)
+                return (cache, add(g_diff, gd), add(g_cross, gc)), mse
+
+            carry, errs = jax.lax.scan(one_pass, carry, (inputs[:steps], taus[:steps], flows[:steps]))
+            cache, g_diff, g_cross = carry
+            cache = context_call(cache, inputs[steps], taus[steps], start)  # forward only: refresh the cache
+            return (cache, g_diff, g_cross), jnp.mean(errs)
+
+        init = (self._init_stacked_cache(b), f32(diff), f32(cross))
+        (_, g_diff, g_cross), chunk_loss = jax.lax.scan(chunk, init, (jnp.arange(self.num_chunks), traj.inputs,
+                                                                        traj.flows))
+        (g_from_cross,) = cross_vjp(jax.tree.map(lambda g, c: g.astype(c.dtype), g_cross, cross))
+        g_diff = add(g_diff, g_from_cross)
+        leaves = jax.tree.leaves(self._join_blocks(*g_diff))  # same key order as trainable
+        grads = jax.tree.unflatten(jax.tree.structure(trainable),
+                                   [g.astype(x.dtype) for g, x in zip(leaves, jax.tree.leaves(trainable), strict=True)])
+        loss = jnp.sum(omega * chunk_loss) / self.num_chunks
+        return (loss, {"chunk_loss": chunk_loss}), grads

@@ -17,6 +17,7 @@ Register new implementations with :func:`register_attention`; pick one by name i
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ import numpy as np
 __all__ = [
     "AttentionFn",
     "block_causal_mask",
+    "flash_attention",
     "get_attention",
     "reference_attention",
     "register_attention",
@@ -133,9 +135,152 @@ def blockwise_attention(q, k, v, *, mask=None, kv_len=None, precision=None, bloc
     return (acc / denom[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+# ------------------------------------------------------------------------------------ flash attention
+def _kv_valid(lk_pad: int, lk: int, kv_len):
+    """Number of valid keys (an int32 scalar): ``min(kv_len, lk)``; padding past ``lk`` is never valid."""
+    n = jnp.asarray(lk, jnp.int32)
+    return n if kv_len is None else jnp.minimum(jnp.asarray(kv_len, jnp.int32), n)
+
+
+def _flash_blocks(k, v, mask, block_k: int):
+    """Keys/values as [nblk, B, bk, H, D] blocks (zero padded) and the mask as [nblk, Lq, bk] (or None)."""
+    b, lk, h, d = k.shape
+    nblk = -(-lk // block_k)
+    pad = nblk * block_k - lk
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        if mask is not None:
+            mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    kb = k.reshape(b, nblk, block_k, h, d).swapaxes(0, 1)
+    vb = v.reshape(b, nblk, block_k, h, d).swapaxes(0, 1)
+    mb = None if mask is None else mask.reshape(mask.shape[0], nblk, block_k).swapaxes(0, 1)
+    return kb, vb, mb, nblk
+
+
+def _block_logits(q, kj, mj, j, n_valid, block_k, scale, precision):
+    """Scaled float32 logits [B, H, Lq, bk] of key block ``j`` and its validity [1|Lq, bk] (bool)."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, kj, preferred_element_type=jnp.float32, precision=precision) * scale
+    valid = (j * block_k + jnp.arange(block_k))[None, :] < n_valid
+    if mj is not None:
+        valid = valid & mj
+    return s, valid
+
+
+def _flash_forward(q, k, v, mask, kv_len, block_k, precision):
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    scale = 1.0 / np.sqrt(d)
+    kb, vb, mb, nblk = _flash_blocks(k, v, mask, block_k)
+    n_valid = _kv_valid(nblk * block_k, lk, kv_len)
+
+    def compute(carry, j, kj, vj, mj):
+        acc, row_max, denom = carry
+        s, valid = _block_logits(q, kj, mj, j, n_valid, block_k, scale, precision)
+        s = jnp.where(valid[None, None], s, -jnp.inf)
+        new_max = jnp.maximum(row_max, s.max(-1))
+        safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+        p = jnp.exp(s - safe[..., None])
+        corr = jnp.exp(row_max - safe)
+        denom = denom * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vj,
+                                                 preferred_element_type=jnp.float32, precision=precision)
+        return acc, new_max, denom
+
+    def step(carry, xs):
+        j, kj, vj, mj = xs
+        # blocks wholly past kv_len are skipped (not masked): no FLOPs on empty cache slots
+        carry = jax.lax.cond(j * block_k < n_valid, lambda c: compute(c, j, kj, vj, mj), lambda c: c, carry)
+        return carry, None
+
+    init = (jnp.zeros((b, h, lq, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, lq), jnp.float32))
+    (acc, row_max, denom), _ = jax.lax.scan(step, init, (jnp.arange(nblk), kb, vb, mb))
+    ok = denom > 0
+    out = jnp.where(ok[..., None], acc / jnp.where(ok, denom, 1.0)[..., None], 0.0)
+    lse = jnp.where(ok, row_max + jnp.log(jnp.where(ok, denom, 1.0)), jnp.inf)  # fully masked row: p = 0
+    return out.transpose(0, 2, 1, 3).astype(q.dtype), lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, mask, kv_len, block_k, precision):
+    return _flash_forward(q, k, v, mask, kv_len, block_k, precision)[0]
+
+
+def _flash_fwd(q, k, v, mask, kv_len, block_k, precision):
+    out, lse = _flash_forward(q, k, v, mask, kv_len, block_k, precision)
+    return out, (q, k, v, mask, kv_len, out, lse)
+
+
+def _flash_bwd(block_k, precision, res, g):
+    """Recomputing backward (FlashAttention-2): one key block at a time, O(B H Lq bk) memory."""
+    q, k, v, mask, kv_len, out, lse = res
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    scale = 1.0 / np.sqrt(d)
+    kb, vb, mb, nblk = _flash_blocks(k, v, mask, block_k)
+    n_valid = _kv_valid(nblk * block_k, lk, kv_len)
+    g = g.astype(q.dtype)
+    delta = jnp.einsum("bqhd,bqhd->bhq", g.astype(jnp.float32), out.astype(jnp.float32))
+
+    def compute(dq, j, kj, vj, mj):
+        s, valid = _block_logits(q, kj, mj, j, n_valid, block_k, scale, precision)
+        p = jnp.where(valid[None, None], jnp.exp(s - lse[..., None]), 0.0)  # [B, H, Lq, bk]
+        dv = jnp.einsum("bhqk,bqhd->bkhd", p.astype(g.dtype), g, preferred_element_type=jnp.float32,
+                        precision=precision)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", g, vj, preferred_element_type=jnp.float32, precision=precision)
+        ds = (p * (dp - delta[..., None])).astype(q.dtype)
+        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, kj, preferred_element_type=jnp.float32,
+                             precision=precision) * scale
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q, preferred_element_type=jnp.float32, precision=precision) * scale
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    def skip(dq, *_):
+        return dq, (jnp.zeros((b, block_k, h, d), k.dtype), jnp.zeros((b, block_k, h, d), v.dtype))
+
+    def step(dq, xs):
+        j, kj, vj, mj = xs
+        return jax.lax.cond(j * block_k < n_valid, lambda a: compute(a, j, kj, vj, mj), lambda a: skip(a), dq)
+
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros((b, lq, h, d), jnp.float32), (jnp.arange(nblk), kb, vb, mb))
+    dk = dk.swapaxes(0, 1).reshape(b, nblk * block_k, h, d)[:, :lk]
+    dv = dv.swapaxes(0, 1).reshape(b, nblk * block_k, h, d)[:, :lk]
+    return dq.astype(q.dtype), dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, *, mask=None, kv_len=None, precision=None, block_k: int = 1024):
+    """Exact attention with an O(block) forward *and* backward (for training at the real geometry).
+
+    * GPU, bf16/fp16, no dense mask: cuDNN flash attention (``jax.nn.dot_product_attention``,
+      ``key_value_seq_lengths`` = ``kv_len``), which has its own fused backward.
+    * Otherwise: a jnp FlashAttention-2 with a ``custom_vjp``: the forward keeps only the output and
+      the row log-sum-exp; the backward recomputes each key block's probabilities. Key blocks wholly
+      at or past ``kv_len`` are skipped (``lax.cond``), not masked.
+
+    Equal to :func:`reference_attention` up to float32 summation order (rows with no valid key give 0
+    instead of NaN).
+    """
+    b, lq, h, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != (h, d) or v.shape != k.shape:
+        raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and mask is None:
+        lengths = None if kv_len is None else jnp.full((b,), kv_len, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+    if mask is not None:
+        if mask.shape != (lq, k.shape[1]):
+            raise ValueError(f"attention mask shape {mask.shape} != (Lq, Lk) = {(lq, k.shape[1])}")
+        mask = jnp.asarray(mask, bool)
+    block_k = int(min(block_k, k.shape[1]))
+    return _flash(q, k, v, mask, None if kv_len is None else jnp.asarray(kv_len, jnp.int32), block_k, precision)
+
+
 register_attention("reference", reference_attention)
 register_attention("xla", xla_attention)
 register_attention("blockwise", blockwise_attention)
+register_attention("flash", flash_attention)
 
 
 def block_causal_mask(num_frames: int, frame_seq_length: int, num_frame_per_block: int,

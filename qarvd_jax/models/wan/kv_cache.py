@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["KVCache", "CrossKV", "init_kv_cache", "new_cache", "cache_len_tokens", "advance_layer_cache"]
+__all__ = ["KVCache", "CrossKV", "init_kv_cache", "new_cache", "cache_len_tokens", "advance_layer_cache",
+           "stack_cache", "unstack_cache"]
 
 
 @struct.dataclass
@@ -70,6 +71,17 @@ def new_cache(cfg, batch: int, num_frames: int, frame_seq_length: int, dtype=Non
         raise ValueError(f"{num_frames} frames exceed the RoPE table ({cfg.rope_max_positions} positions)")
     length = cache_len_tokens(cfg.local_attn_size, num_frames, frame_seq_length)
     return init_kv_cache(cfg.num_layers, batch, length, cfg.num_heads, cfg.head_dim, dtype or jnp.dtype(cfg.dtype))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """The same cache with ``k``/``v`` as stacked [L, B, cache_len, H, D] arrays (training path)."""
+    return KVCache(k=jnp.stack(cache.k), v=jnp.stack(cache.v), global_end=cache.global_end,
+                   local_end=cache.local_end)
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """Inverse of :func:`stack_cache`: per-layer tuples."""
+    return KVCache(k=tuple(cache.k), v=tuple(cache.v), global_end=cache.global_end, local_end=cache.local_end)
 
 
 def _roll_plan(global_end, local_end, current_start, num_new: int, cache_len: int, local_attn_size: int):

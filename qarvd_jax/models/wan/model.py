@@ -16,6 +16,10 @@ Two entry points share every layer:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
 import einops
 import jax
 import jax.numpy as jnp
@@ -26,7 +30,7 @@ from qarvd_jax.models.wan.attention import block_causal_mask, get_attention
 from qarvd_jax.models.wan.config import WanDiTConfig
 from qarvd_jax.models.wan.rope import apply_rope, rope_cos_sin, sinusoidal_embedding
 
-__all__ = ["CausalWanModel", "patchify", "unpatchify"]
+__all__ = ["CausalWanModel", "BlockStack", "block_stack_plan", "patchify", "unpatchify"]
 
 
 def _dtype(name: str):
@@ -190,6 +194,70 @@ def unpatchify(tokens: jax.Array, grid, patch_size, out_dim: int) -> jax.Array:
                             f=f, h=h, w=w, pt=pt, ph=ph, pw=pw, c=out_dim)
 
 
+def _block_signature(blk: nnx.Module, state) -> tuple:
+    """What a block's compute depends on, apart from per-layer names: module types and static
+    settings (a QuantLinear's config without its name) and the state's structure, shapes and dtypes."""
+    parts = []
+    for path, node in nnx.iter_graph(blk):
+        if isinstance(node, nnx.Module):
+            cfg = getattr(node, "cfg", None)
+            if dataclasses.is_dataclass(cfg) and hasattr(cfg, "name"):
+                cfg = dataclasses.replace(cfg, name="")
+            parts.append((path, type(node).__name__, cfg, getattr(node, "collect", None)))
+    leaves, treedef = jax.tree.flatten(state)
+    return tuple(parts), treedef, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves)
+
+
+def block_stack_plan(model: "CausalWanModel") -> tuple[Any, ...]:
+    """Graph definitions for running the transformer blocks from per-block states (training path).
+
+    Returns ``(graphdef,)`` when every block computes the same way up to its weights (same module
+    types, quantizer settings and state shapes: the blocks can be stacked and scanned), else one
+    graphdef per block (e.g. dual-scale layers with different outlier counts: a Python loop).
+    """
+    sigs = [_block_signature(b, nnx.state(b)) for b in model.blocks]
+    if all(sig == sigs[0] for sig in sigs[1:]):
+        return (nnx.graphdef(model.blocks[0]),)
+    return tuple(nnx.graphdef(b) for b in model.blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStack:
+    """The transformer blocks as explicit states, for :meth:`CausalWanModel.forward_chunk` in training.
+
+    Attributes:
+      graphdefs: from :func:`block_stack_plan`; one graphdef: ``states`` are stacked over a leading
+        layer axis and the blocks run under ``lax.scan``; one per block: ``states`` is a list and the
+        blocks run in a Python loop.
+      states: a tuple of state trees (e.g. ``(trainable, frozen)``), each stacked or a per-block list.
+      remat_policy: ``None`` (no rematerialisation) or a ``jax.checkpoint`` policy: each block is
+        rematerialised in the backward pass, saving what the policy allows (``nothing_saveable``:
+        only the block inputs).
+    """
+
+    graphdefs: tuple
+    states: tuple
+    remat_policy: Callable | None = None
+
+    @property
+    def scanned(self) -> bool:
+        return len(self.graphdefs) == 1
+
+
+def _scan_or_loop(blocks: BlockStack, body, carry, xs):
+    """``lax.scan(body, carry, (states, *xs))`` over stacked blocks, or the same as a Python loop."""
+    if blocks.remat_policy is not None:
+        body = jax.checkpoint(body, policy=blocks.remat_policy, prevent_cse=not blocks.scanned)
+    if blocks.scanned:
+        gdef = blocks.graphdefs[0]
+        return jax.lax.scan(lambda c, x: body(c, (gdef, x[0]), x[1:]), carry, (blocks.states, *xs))
+    ys = []
+    for i, gdef in enumerate(blocks.graphdefs):
+        carry, y = body(carry, (gdef, tuple(s[i] for s in blocks.states)), jax.tree.map(lambda a: a[i], xs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
 class CausalWanModel(nnx.Module):
     """Self-Forcing CausalWanModel (T2V) in Flax NNX. See the module docstring for layouts."""
 
@@ -239,9 +307,20 @@ class CausalWanModel(nnx.Module):
         e0 = self.time_projection(e).reshape(*t.shape, 6, cfg.dim)
         return e, e0
 
-    def cross_kv(self, context: jax.Array) -> kvc.CrossKV:
-        """Text context [B, Lc, text_dim] -> per-layer cross-attention K/V (computed once per video)."""
+    def cross_kv(self, context: jax.Array, *, blocks: BlockStack | None = None) -> kvc.CrossKV:
+        """Text context [B, Lc, text_dim] -> per-layer cross-attention K/V (computed once per video).
+
+        With ``blocks`` (training): K/V come from the given block states, stacked [L, B, Lc, H, D].
+        """
         ctx = self.embed_text(context)
+        if blocks is not None:
+            def body(c, blk, _):
+                gdef, states = blk
+                return c, nnx.merge(gdef, *states).cross_attn.project_kv(ctx)
+
+            plain = BlockStack(blocks.graphdefs, blocks.states, None)
+            _, (ks, vs) = _scan_or_loop(plain, body, 0, ())
+            return kvc.CrossKV(k=ks, v=vs)
         ks, vs = zip(*(blk.cross_attn.project_kv(ctx) for blk in self.blocks))
         return kvc.CrossKV(k=tuple(ks), v=tuple(vs))
 
@@ -316,7 +395,8 @@ class CausalWanModel(nnx.Module):
         return kvc.new_cache(self.config, batch, num_frames, frame_seq_length, dtype)
 
     def forward_chunk(self, x: jax.Array, t: jax.Array, cross: kvc.CrossKV, cache: kvc.KVCache,
-                      current_start: jax.Array | int) -> tuple[jax.Array, kvc.KVCache]:
+                      current_start: jax.Array | int, *,
+                      blocks: BlockStack | None = None) -> tuple[jax.Array, kvc.KVCache]:
         """One inference call on a chunk of new frames, attending (and updating) the KV cache.
 
         Args:
@@ -328,7 +408,15 @@ class CausalWanModel(nnx.Module):
         Returns:
           ``(flow [B, Fc, C, H, W], updated cache)``. RoPE uses absolute frame positions
           ``current_start // frame_seq_length + f``.
+
+        With ``blocks`` (the training path, :class:`BlockStack`): the blocks run from those states
+        (``lax.scan`` over stacked blocks, optionally rematerialised per block), ``cross`` and
+        ``cache`` hold stacked [L, ...] arrays, each layer attends its old cache plus the chunk's new
+        keys (written in place of the same slots), and the new keys are written into the stacked
+        cache after the blocks. Same numbers as the per-layer path.
         """
+        if blocks is not None:
+            return self._forward_chunk_blocks(x, t, cross, cache, current_start, blocks)
         cfg = self.config
         grid = self._grid(x)
         fsl = grid[1] * grid[2]
@@ -353,4 +441,62 @@ class CausalWanModel(nnx.Module):
         current_end = current_start + grid[0] * fsl
         new_cache = kvc.KVCache(k=tuple(new_k), v=tuple(new_v), global_end=current_end.astype(jnp.int32),
                                 local_end=new_local[0])
+        return flow, new_cache
+
+    def _forward_chunk_blocks(self, x, t, cross: kvc.CrossKV, cache: kvc.KVCache, current_start,
+                              blocks: BlockStack):
+        cfg = self.config
+        grid = self._grid(x)
+        self._check_t(t, grid)
+        fsl = grid[1] * grid[2]
+        b = x.shape[0]
+        current_start = jnp.asarray(current_start, jnp.int32)
+        cos, sin = rope_cos_sin(grid, current_start // fsl, cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)
+        attn_fn, prec = self._attn, _precision(cfg)
+        sink = cfg.sink_size * fsl
+        num_new = grid[0] * fsl
+        cache_len = cache.k.shape[2]
+        evicted, local_end = kvc._roll_plan(cache.global_end, cache.local_end, current_start, num_new, cache_len,
+                                            cfg.local_attn_size)
+
+        def cross_attend(q, k, v):
+            return attn_fn(q, k, v, precision=prec)
+
+        def body(h, blk, xs):
+            gdef, states = blk
+            ck, cv, k_old, v_old = xs
+            block = nnx.merge(gdef, *states)
+            new = []
+
+            def self_attend(attn, hx):
+                q = apply_rope(attn.project_q(hx), cos, sin)
+                k, v = attn.project_kv(hx)
+                k = apply_rope(k, cos, sin)
+                kc, vc, _ = kvc.advance_layer_cache(
+                    k_old, v_old, k, v, global_end=cache.global_end, local_end=cache.local_end,
+                    current_start=current_start, local_attn_size=cfg.local_attn_size, sink_tokens=sink)
+                new.append((k.astype(k_old.dtype), v.astype(v_old.dtype)))
+                return attn.output(attn_fn(q, kc.astype(q.dtype), vc.astype(q.dtype), kv_len=local_end,
+                                           precision=prec))
+
+            h = block(h, e0, ck, cv, self_attend, cross_attend)
+            return h, new[0]
+
+        tokens = self.patch_embedding(patchify(x.astype(_dtype(cfg.dtype)), cfg.patch_size))
+        e, e0 = self.embed_time(t)
+        h = tokens.reshape(b, grid[0], fsl, cfg.dim)
+        h, (new_k, new_v) = _scan_or_loop(blocks, body, h, (cross.k, cross.v, cache.k, cache.v))
+        flow = unpatchify(self.head(h, e), grid, cfg.patch_size, cfg.out_dim)
+        k_all, v_all = cache.k, cache.v
+        if cfg.local_attn_size != -1:  # the same roll as advance_layer_cache, on every layer at once
+            rolled = cache.local_end - evicted - sink
+            idx = jnp.arange(cache_len, dtype=jnp.int32)
+            moving = (idx >= sink) & (idx < sink + rolled) & (evicted > 0)
+            src = jnp.where(moving, idx + evicted, idx)
+            k_all, v_all = jnp.take(k_all, src, axis=2), jnp.take(v_all, src, axis=2)
+        slot = local_end - num_new
+        k_all = jax.lax.dynamic_update_slice_in_dim(k_all, new_k, slot, axis=2)
+        v_all = jax.lax.dynamic_update_slice_in_dim(v_all, new_v, slot, axis=2)
+        new_cache = kvc.KVCache(k=k_all, v=v_all, global_end=(current_start + num_new).astype(jnp.int32),
+                                local_end=local_end)
         return flow, new_cache
