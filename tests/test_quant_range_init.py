@@ -33,10 +33,17 @@ def test_weight_init_matches_numpy_per_row(bits):
     res = percentile_mse_init(jnp.asarray(w), QuantSpec.qarvd_weight(bits))
     idx, scale, zp, scores = np_percentile_rows(w, bits)
     assert len(set(idx.tolist())) > 1  # rows choose differently: the choice is per row
-    np.testing.assert_array_equal(res.index, idx)
-    np.testing.assert_allclose(res.params.scale, scale, rtol=1e-5)
-    np.testing.assert_array_equal(res.params.zero_point, zp)
     np.testing.assert_allclose(res.scores, scores, rtol=2e-3)
+    # The argmin over float32 scores may pick another candidate only where the float64 scores tie to within that
+    # tolerance (a different CPU or thread count can reorder the sums); elsewhere it is the reference's choice.
+    got = np.asarray(res.index).reshape(-1)
+    rows = np.arange(len(idx))
+    near_tie = scores[got, rows] <= scores[idx, rows] * (1 + 4e-3)
+    assert np.all((got == idx) | near_tie), (got, idx)
+    same = got == idx
+    assert same.mean() >= 0.75
+    np.testing.assert_allclose(np.asarray(res.params.scale).reshape(-1)[same], scale.reshape(-1)[same], rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(res.params.zero_point).reshape(-1)[same], zp.reshape(-1)[same])
     for k, p in enumerate(PERCENTILES):  # candidate ranges are the exact interpolated quantiles
         np.testing.assert_allclose(res.hi[k], np.quantile(w.astype(np.float64), p, axis=1), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(res.lo[k], np.quantile(w.astype(np.float64), 1 - p, axis=1), rtol=1e-5, atol=1e-6)
@@ -48,8 +55,15 @@ def test_weight_init_rows_are_independent():
     full = percentile_mse_init(w, spec)
     for r in (0, 5, 11):
         one = percentile_mse_init(w[r:r + 1], spec)
-        assert int(one.index[0]) == int(full.index[r])
-        np.testing.assert_allclose(one.params.scale[0], full.params.scale[r], rtol=1e-6)
+        # one row alone scores its candidates as inside the batch (up to float32 reordering), and picks the same
+        # range unless two candidates tie
+        one_scores, full_scores = np.asarray(one.scores)[:, 0], np.asarray(full.scores)[:, r]
+        np.testing.assert_allclose(one_scores, full_scores, rtol=1e-5)
+        i_one, i_full = int(np.asarray(one.index).reshape(-1)[0]), int(np.asarray(full.index).reshape(-1)[r])
+        if i_one == i_full:
+            np.testing.assert_allclose(one.params.scale[0], full.params.scale[r], rtol=1e-6)
+        else:
+            assert full_scores[i_one] <= full_scores[i_full] * (1 + 1e-5)
 
 
 def test_weight_init_flax_layout_and_per_group_and_symmetric():

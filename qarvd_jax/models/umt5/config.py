@@ -75,8 +75,15 @@ class UMT5Config:
                 raise ValueError(f"UMT5Config.{name} must be a positive int, got {v!r}")
         if self.dim_attn % self.num_heads:
             raise ValueError(f"UMT5Config: dim_attn={self.dim_attn} is not divisible by num_heads={self.num_heads}")
-        if self.num_buckets % 2:
-            raise ValueError(f"UMT5Config: num_buckets={self.num_buckets} must be even (bidirectional buckets)")
+        # Bidirectional buckets: num_buckets // 2 per sign (an odd count leaves the last row unused, as in the
+        # original), of which max_exact = num_buckets // 4 are exact. The original's log-bucket formula divides by
+        # max_exact and by log(max_distance / max_exact), so both must be positive.
+        if self.num_buckets < 4:
+            raise ValueError(f"UMT5Config: num_buckets={self.num_buckets} must be at least 4 (the original's "
+                             "bidirectional log buckets divide by num_buckets // 4)")
+        if self.max_distance <= self.num_buckets // 4:
+            raise ValueError(f"UMT5Config: max_distance={self.max_distance} must exceed num_buckets // 4 = "
+                             f"{self.num_buckets // 4} (the original divides by log(max_distance / that))")
         if self.precision is not None and self.precision not in ("default", "high", "highest"):
             raise ValueError(f"UMT5Config.precision must be None, 'default', 'high' or 'highest', got {self.precision!r}")
 

@@ -68,9 +68,23 @@ class WanVAEConfig:
                              f"{len(self.latent_mean)} and {len(self.latent_std)}")
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
-        for i in range(1, len(self.dim_mult)):
-            if (self.dim * self.dim_mult[i - 1]) % 2:
-                raise ValueError(f"decoder upsampling halves {self.dim * self.dim_mult[i - 1]} channels")
+        if len(self.dim_mult) > 4:
+            # Decoder3d halves the input width of stages 1, 2 and 3 only (``if i == 1 or i == 2 or i == 3``),
+            # so a fifth stage is built for C channels but receives the C // 2 of the Resample before it.
+            raise ValueError(f"dim_mult={self.dim_mult}: the original Decoder3d supports at most 4 stages (it "
+                             "halves the input width of stages 1-3 only, so stage 4 would get half its channels)")
+        for i, width in enumerate(self.decoder_widths[1:-1]):
+            # Every decoder stage but the last ends in a Resample whose conv maps C -> C // 2 (floor, as the
+            # original ``nn.Conv2d(dim, dim // 2, ...)``); odd widths are fine, only an empty output is not.
+            if width // 2 == 0:
+                raise ValueError(f"decoder stage {i} has {width} channel(s): its upsampling conv would output "
+                                 f"{width} // 2 = 0 channels (dim={self.dim}, dim_mult={self.dim_mult})")
+
+    @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        """The original ``Decoder3d`` ``dims``: the middle width, then each stage's output width
+        (``dim * m`` over ``[dim_mult[-1]] + dim_mult[::-1]``)."""
+        return tuple(self.dim * m for m in (self.dim_mult[-1], *self.dim_mult[::-1]))
 
     @property
     def temperal_upsample(self) -> tuple[bool, ...]:

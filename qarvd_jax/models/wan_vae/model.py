@@ -162,7 +162,7 @@ class Decoder3d(_CausalStack):
 
     def __init__(self, cfg: WanVAEConfig, *, rngs: nnx.Rngs):
         kw = _block_kwargs(cfg, rngs)
-        dims = [cfg.dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+        dims = list(cfg.decoder_widths)
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1, **kw)
         self.middle = _middle(dims[0], kw)
         layers, scale = [], 1.0 / 2 ** (len(cfg.dim_mult) - 2)

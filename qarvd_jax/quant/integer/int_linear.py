@@ -100,18 +100,21 @@ def _segments(spec: IntLayerSpec) -> tuple[int, ...]:
 
 
 def int_linear_apply(x: jax.Array, arrays: dict, spec: IntLayerSpec, *, backend: str, interpret=False,
-                     out_dtype=jnp.float32) -> jax.Array:
+                     out_dtype=jnp.float32, accumulator_only: bool = False) -> jax.Array:
     """The integer linear on already-permuted 2-D activations (a pure function).
 
     Args:
-      x: [M, K] float (bf16/f16/f32), K in ``perm`` order (outlier channels first).
+      x: [M, K] float (bf16/f16/f32), K in ``perm`` order (outlier channels first); or int8 codes already
+        quantized with the export's ``a_scale``/``a_zero`` (signed: unsigned code - 128).
       arrays: the layer's export arrays (see :mod:`qarvd_jax.quant.integer.export`); ``perm`` unused.
       backend: a kernel backend name (``'xla'``, ``'pallas_tpu'``, ``'pallas_gpu'``, ``'reference'``);
         layers that miss the kernel constraints always run :func:`quant_matmul_xla`.
       interpret: Pallas interpret mode (CPU tests).
+      accumulator_only: return the exact zero-point-corrected int32 accumulators
+        ``sum_k (q_x - z_x)(q_w - z_w)`` per segment, [S, M, N], instead of the scaled output.
 
     Returns:
-      [M, N] ``out_dtype``.
+      [M, N] ``out_dtype`` (or the accumulators).
     """
     w = arrays["w"]
     bias = arrays.get("bias")
@@ -121,11 +124,14 @@ def int_linear_apply(x: jax.Array, arrays: dict, spec: IntLayerSpec, *, backend:
         op, extra = (w4a8_matmul, {"w_signed": False}) if w4 else (w8a8_matmul, {})
         return op(x, w, one(arrays["w_scale"]), one(arrays["w_zero"]), x_scale=one(arrays["a_scale"]),
                   x_zero=one(arrays["a_zero"]), bias=bias, w_colsum=one(arrays["w_colsum"]),
-                  n_outlier=spec.n_outlier, out_dtype=out_dtype, backend=backend, interpret=interpret, **extra)
+                  n_outlier=spec.n_outlier, out_dtype=out_dtype, backend=backend, interpret=interpret,
+                  accumulator_only=accumulator_only, **extra)
     # Shapes the kernels reject: the XLA integer path with a hand-built (unvalidated) spec.
     mspec = qc.MatmulSpec(m=x.shape[0], n=spec.out_features, k=spec.in_features, n_outlier=spec.n_outlier,
-                          weight_bits=spec.w_bits, w_signed=not w4, act="quantize", per_token=False,
-                          has_bias=bias is not None, out_dtype=jnp.dtype(out_dtype), accumulator_only=False)
+                          weight_bits=spec.w_bits, w_signed=not w4, act="int8" if x.dtype == jnp.int8 else "quantize",
+                          per_token=False, has_bias=bias is not None,
+                          out_dtype=jnp.dtype(jnp.int32 if accumulator_only else out_dtype),
+                          accumulator_only=accumulator_only)
     x_scale = jnp.asarray(arrays["a_scale"], jnp.float32)[:, None]  # (S, 1): per tensor
     w_zero = jnp.asarray(arrays["w_zero"], jnp.int32)
     seg_len = jnp.asarray(_segments(spec), jnp.int32)[:, None]
