@@ -24,7 +24,10 @@ from convert.state_dict_io import (
     SAFETENSORS_SUFFIXES,
     TORCH_SUFFIXES,
     CheckpointFormatError,
+    FiniteCheck,
     atomic_output,
+    check_destination,
+    is_saved_tree_dir,
     read_torch_object,
     torch_tensors,
     write_safetensors_streaming,
@@ -97,6 +100,14 @@ def read_dit_checkpoint(path: str | os.PathLike, *, prefer: str | None = None
     if not isinstance(obj, Mapping):
         raise CheckpointFormatError(f"{path}: top-level object is a {type(obj).__name__}, not a dict")
     top = None
+    if prefer is not None:
+        if not any(isinstance(v, Mapping) for v in obj.values()):
+            raise CheckpointFormatError(f"{path}: --prefer {prefer}: the file is a flat state dict without "
+                                        "top-level entries")
+        if not isinstance(obj.get(prefer), Mapping):
+            entries = sorted(str(k) for k, v in obj.items() if isinstance(v, Mapping))
+            raise CheckpointFormatError(f"{path}: --prefer {prefer}: no such state dict in the file (it holds "
+                                        f"{entries})")
     if any(isinstance(v, Mapping) for v in obj.values()):
         order = ((prefer,) if prefer else ()) + _TOP_LEVEL_PREFERENCE
         top = next((k for k in order if k in obj and isinstance(obj[k], Mapping)), None)
@@ -136,7 +147,7 @@ def load_orbax(path: str | os.PathLike) -> tuple[dict, WanDiTConfig, dict]:
 
 
 def export_torch(params: Mapping, cfg: WanDiTConfig, dst: str | os.PathLike, layout: SourceLayout | None = None,
-                 *, overwrite: bool = False) -> str:
+                 *, overwrite: bool = False, progress: bool = False) -> str:
     """Write Flax params as a PyTorch-layout ``.safetensors`` (streamed) or ``.pt`` (needs torch).
 
     Key names get the source prefix back (``model.`` for Self-Forcing); ``.pt`` output is wrapped
@@ -149,8 +160,9 @@ def export_torch(params: Mapping, cfg: WanDiTConfig, dst: str | os.PathLike, lay
         entries = [(prefix + s.torch_key, s.torch_shape, np.asarray(wan_params._get(params, s.flax_path)).dtype)
                    for s in wan_params.param_specs(cfg)]
         meta = {"qarvd_model_config": json.dumps(cfg.to_dict())}
-        return write_safetensors_streaming(dst, entries, wan_params.iter_flax_to_torch(params, cfg, prefix),
-                                           overwrite=overwrite, metadata=meta)
+        with _progress(len(entries), "write", progress) as bar:
+            tensors = _counted(wan_params.iter_flax_to_torch(params, cfg, prefix), bar)
+            return write_safetensors_streaming(dst, entries, tensors, overwrite=overwrite, metadata=meta)
     if suffix in TORCH_SUFFIXES:
         state = wan_params.flax_to_torch(params, cfg, prefix)
         top = layout.top_level_key if layout else "generator_ema"
@@ -172,35 +184,65 @@ def _host_array(arr: np.ndarray):
     return jax.device_put(arr, jax.devices("cpu")[0])
 
 
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled)
+
+
+def _counted(items, bar):
+    for item in items:
+        yield item
+        bar.update()
+
+
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, config: WanDiTConfig | None = None,
-            overwrite: bool = False, prefer: str | None = None) -> str:
+            overwrite: bool = False, prefer: str | None = None, allow_nonfinite: bool = False,
+            progress: bool = False, num_heads: int | None = None) -> str:
     """Convert between formats; the direction follows the file types.
 
     * torch/safetensors file -> Orbax directory (``dst`` without a .pt/.safetensors suffix);
     * Orbax directory -> ``.safetensors`` or ``.pt``;
     * torch/safetensors -> torch/safetensors (re-layout through the validated Flax mapping).
+
+    The destination is checked before anything is read (:func:`check_destination`: it may not be
+    or contain ``src``, a file may not replace a folder, an existing one needs ``overwrite``).
+    Every tensor is checked for NaN/inf as it is converted; any is refused (naming the tensors and
+    counts) unless ``allow_nonfinite``. ``progress`` shows a tqdm bar per tensor. Without
+    ``config`` the config is inferred from the shapes (``num_heads`` heads, default dim / 128).
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"destination already exists: {dst} (use --overwrite)")
     dst_suffix = os.path.splitext(dst)[1].lower()
     dst_is_file = dst_suffix in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+    check_destination(dst, kind="file" if dst_is_file else "dir", overwrite=overwrite, sources=[src],
+                      replaceable=is_saved_tree_dir, what="an Orbax checkpoint")
+    finite = FiniteCheck(src, allow_nonfinite)
     if is_orbax_checkpoint(src):
-        params, cfg, meta = load_orbax(src)
         if not dst_is_file:
             raise CheckpointFormatError(f"{src} is already an Orbax checkpoint; give DST a .safetensors/.pt name")
+        params, cfg, meta = load_orbax(src)
+        finite.add_all(wan_params.iter_flax_to_torch(params, cfg)).finish()
         layout = SourceLayout(**meta["source_layout"]) if meta.get("source_layout") else None
-        return export_torch(params, cfg, dst, layout, overwrite=overwrite)
+        return export_torch(params, cfg, dst, layout, overwrite=overwrite, progress=progress)
     if not os.path.exists(src):
         raise FileNotFoundError(f"source checkpoint not found: {src}")
     state, layout = read_dit_checkpoint(src, prefer=prefer)
-    cfg = config or wan_params.infer_config_from_state_dict(state)
-    # each converted tensor becomes a host jax.Array at once: Orbax serialises those with one
-    # transient copy (numpy inputs cost two), so the conversion peaks near two copies of the weights
-    params = wan_params.torch_to_flax(state, cfg, source=src, release=release_pages, place=_host_array)
+    cfg = config or wan_params.infer_config_from_state_dict(state, **({"num_heads": num_heads} if num_heads else {}))
+    names = {id(v): k for k, v in state.items()}
+    with _progress(len(state), "convert", progress) as bar:
+
+        def release(arr):  # called once per source tensor after it has been copied
+            finite.add(names.get(id(arr), "?"), arr)
+            release_pages(arr)
+            bar.update()
+
+        # each converted tensor becomes a host jax.Array at once: Orbax serialises those with one
+        # transient copy (numpy inputs cost two), so the conversion peaks near two copies of the weights
+        params = wan_params.torch_to_flax(state, cfg, source=src, release=release, place=_host_array)
     del state
+    finite.finish()
     if dst_is_file:
-        return export_torch(params, cfg, dst, layout, overwrite=overwrite)
+        return export_torch(params, cfg, dst, layout, overwrite=overwrite, progress=progress)
     return save_orbax(dst, params, cfg, layout, overwrite=overwrite)
 
 

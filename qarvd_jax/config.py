@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from qarvd_jax.errors import ConfigError
+
 __all__ = ["load_config", "parse_overrides", "config_to_dict"]
 
 T = TypeVar("T")
@@ -32,8 +34,17 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ValueError(f"override {item!r} has an empty key")
-        out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return out
+
+
+def _yaml_problem(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def _coerce(cls, name: str, tp, value):
@@ -52,67 +63,85 @@ def _coerce(cls, name: str, tp, value):
                 return _coerce(cls, name, a, value)
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
-        raise TypeError(f"{cls.__name__}.{name}: {value!r} matches none of {tp}")
+        raise ConfigError(f"{cls.__name__}.{name}: {value!r} matches none of {tp}")
     if origin is typing.Literal:
         if value not in args:
-            raise ValueError(f"{cls.__name__}.{name}: {value!r} is not one of {list(args)}")
+            raise ConfigError(f"{cls.__name__}.{name}: {value!r} is not one of {list(args)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{cls.__name__}.{name}: expected a list, got {value!r}")
+            raise ConfigError(f"{cls.__name__}.{name}: expected a list, got {value!r}")
         elem = args[0] if args else Any
         return origin(_coerce(cls, name, elem, v) for v in value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{cls.__name__}.{name}: expected true/false, got {value!r}")
+            raise ConfigError(f"{cls.__name__}.{name}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{cls.__name__}.{name}: expected an int, got {value!r}")
+            raise ConfigError(f"{cls.__name__}.{name}: expected an int, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads exponent floats without a dot (1e-3) as strings
             try:
                 value = float(value)
             except ValueError:
-                raise TypeError(f"{cls.__name__}.{name}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{cls.__name__}.{name}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{cls.__name__}.{name}: expected a number, got {value!r}")
+            raise ConfigError(f"{cls.__name__}.{name}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise TypeError(f"{cls.__name__}.{name}: expected a string, got {value!r}")
+            raise ConfigError(f"{cls.__name__}.{name}: expected a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise TypeError(f"{cls.__name__}.{name}: expected a mapping for {tp.__name__}")
+            raise ConfigError(f"{cls.__name__}.{name}: expected a mapping for {tp.__name__}")
         return _build(tp, value)
     return value
 
 
-def _build(cls: type[T], values: dict[str, Any]) -> T:
+def _build(cls: type[T], values: dict[str, Any], origin: dict[str, str] | None = None) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(fields)}")
-    kwargs = {k: _coerce(cls, k, hints[k], v) for k, v in values.items()}
+    kwargs = {}
+    for k, v in values.items():
+        try:
+            kwargs[k] = _coerce(cls, k, hints[k], v)
+        except ConfigError as e:
+            if origin and k in origin:
+                raise ConfigError(f"{origin[k]}: {e}") from None
+            raise
     return cls(**kwargs)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
     """Instantiate dataclass ``cls`` from an optional YAML file, then ``key=value`` overrides."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     if path:
+        if os.path.isdir(path):
+            raise ConfigError(f"--config {path} is a folder; give a YAML file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping of field: value")
+            raise ConfigError(f"{path}: a config file must hold a mapping of field: value")
         values.update(loaded)
-    values.update(parse_overrides(overrides))
-    return _build(cls, values)
+        origin.update({str(k): f"{path} field {k}" for k in loaded})
+    parsed = parse_overrides(overrides)
+    values.update(parsed)
+    origin.update({k: f"override {k}={v!r}" for k, v in parsed.items()})
+    return _build(cls, values, origin)
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

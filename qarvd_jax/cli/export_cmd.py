@@ -14,14 +14,19 @@ def register(sub) -> None:
     p.add_argument("out", metavar="OUT", help="export folder (written atomically)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="dtype of the non-quantized params and biases (default: the checkpoint's param dtype)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing integer export at OUT (never "
+                   "another folder, never CKPT or a folder holding it)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="export even if weights or quantizer scales "
+                   "hold NaN/inf (they are reported either way)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from qarvd_jax.quant.integer.export import export_checkpoint, format_bytes_report
 
-    meta = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    meta = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                             allow_nonfinite=args.allow_nonfinite, progress=not args.no_progress)
     print(format_bytes_report(meta))
     print(f"integer export -> {args.out}\ngenerate with: qarvd generate --quantized {args.out} --backend xla "
           "--prompts FILE --out DIR")

@@ -26,7 +26,8 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, help="pixels (default 832, tiny 64)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default bfloat16 (tiny: float32)")
     p.add_argument("--embed-cache", help="prompt-embedding cache folder (default OUT/prompt_embeds_cache)")
-    p.add_argument("--skip-existing", action="store_true", help="keep videos already in OUT")
+    p.add_argument("--skip-existing", action="store_true", help="keep videos already in OUT whose recorded "
+                   "settings (model, geometry, sampler, seed, prompt) match this run; regenerate the others")
     p.set_defaults(func=run)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qarvd_jax.cli._common import add_model_args, add_qarvd_config_args
+from qarvd_jax.cli._types import positive_int
 
 
 def register(sub) -> None:
@@ -12,7 +13,8 @@ def register(sub) -> None:
                        "1. The first prompt calibrates the activation ranges (uniform chunk weights).")
     add_model_args(p)
     p.add_argument("--out", required=True, help="folder for sensitivity.json and sensitivity.png")
-    p.add_argument("--num-prompts", type=int, default=100, help="prompts measured (default 100, as the original)")
+    p.add_argument("--num-prompts", type=positive_int, default=100,
+                   help="prompts measured (default 100, as the original)")
     add_qarvd_config_args(p)
     p.set_defaults(func=run)
 

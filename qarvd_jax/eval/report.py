@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,11 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from qarvd_jax.errors import OutputError, UserError
 from qarvd_jax.eval import metrics as M
 from qarvd_jax.eval.lpips import load_lpips, lpips_per_frame
 from qarvd_jax.eval.plots import plot_error_per_chunk, plot_psnr_ssim_per_frame
 
-__all__ = ["evaluate_folders", "pair_folder", "read_latents", "read_video", "write_markdown"]
+__all__ = ["evaluate_folders", "pair_folder", "read_latents", "read_video", "write_markdown", "write_report_files"]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ def read_video(path: str) -> np.ndarray:
 
 def read_latents(path: str) -> tuple[np.ndarray, int]:
     """Read ``latents`` ``[F, C, h, w]`` (float32) and ``chunk_frames`` (default 3) from an npz file."""
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         if "latents" not in z:
             raise ValueError(f"{path}: no 'latents' array (keys: {sorted(z.keys())})")
         lat = np.asarray(z["latents"], np.float32)
@@ -116,9 +118,18 @@ def _unit(frames: np.ndarray) -> np.ndarray:
     return frames.astype(np.float32) / np.float32(255.0)  # decord uint8 -> [0, 1] as the original loader
 
 
+def _check_finite_latents(lat: np.ndarray, path: str) -> None:
+    bad = int(lat.size - np.count_nonzero(np.isfinite(lat)))
+    if bad:
+        raise UserError(f"{path}: the latents hold {bad} NaN/inf values of {lat.size} (the generation diverged); "
+                        "no report written")
+
+
 def _latent_metrics(ref_path: str, test_path: str) -> dict:
     ref, chunk = read_latents(ref_path)
     test, chunk_t = read_latents(test_path)
+    _check_finite_latents(ref, ref_path)
+    _check_finite_latents(test, test_path)
     if ref.shape != test.shape or chunk != chunk_t:
         raise ValueError(f"latents differ in layout: {ref_path} {ref.shape} (chunk {chunk}) vs "
                          f"{test_path} {test.shape} (chunk {chunk_t})")
@@ -226,6 +237,11 @@ def evaluate_folders(ref_dir: str | os.PathLike, test_dir: str | os.PathLike, ou
     for d in (ref_dir, test_dir):
         if not os.path.isdir(d):
             raise FileNotFoundError(f"generation folder not found: {d}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"report folder {out_dir} is a file; give a folder")
+    for name in REPORT_FILES:
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise OutputError(f"{os.path.join(out_dir, name)} is a folder; refusing to replace it with a report file")
     notes: list[str] = []
     vids = pair_folder(ref_dir, test_dir, "videos", ".mp4")
     lats = pair_folder(ref_dir, test_dir, "latents", ".npz")
@@ -272,13 +288,37 @@ def evaluate_folders(ref_dir: str | os.PathLike, test_dir: str | os.PathLike, ou
         "per_video": per_video,
         "aggregate": _aggregate(per_video, fvd),
     }
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=2, allow_nan=False)
-    plot_error_per_chunk(report, os.path.join(out_dir, "error_per_chunk.png"))
-    plot_psnr_ssim_per_frame(report, os.path.join(out_dir, "psnr_ssim_per_frame.png"))
-    write_markdown(report, os.path.join(out_dir, "report.md"))
+    write_report_files(report, out_dir)
     return report
+
+
+REPORT_FILES = ("error_per_chunk.png", "psnr_ssim_per_frame.png", "report.md", "report.json")
+
+
+def write_report_files(report: dict, out_dir: str) -> None:
+    """Render every report file into a temporary folder inside ``out_dir``, then move each into place.
+
+    A failure (a non-finite metric, a plotting error, Ctrl-C) leaves the previous report untouched:
+    never a truncated ``report.json`` or plots of another run beside a new one.
+    """
+    from convert.state_dict_io import make_temp_dir
+
+    try:
+        text = json.dumps(report, indent=2, allow_nan=False)
+    except ValueError as e:
+        raise UserError(f"the report holds non-finite metrics ({e}); nothing written to {out_dir}") from None
+    os.makedirs(out_dir, exist_ok=True)
+    stage = make_temp_dir(os.path.join(out_dir, "report.json"))
+    try:
+        plot_error_per_chunk(report, os.path.join(stage, "error_per_chunk.png"))
+        plot_psnr_ssim_per_frame(report, os.path.join(stage, "psnr_ssim_per_frame.png"))
+        write_markdown(report, os.path.join(stage, "report.md"))
+        with open(os.path.join(stage, "report.json"), "w", encoding="utf-8") as fh:
+            fh.write(text)
+        for name in REPORT_FILES:  # report.json last: it exists only with the files it describes
+            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _abs(p) -> str | None:

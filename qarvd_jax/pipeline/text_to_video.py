@@ -3,7 +3,7 @@
 Output folder layout (read by ``qarvd evaluate`` and VBench's custom-input mode)::
 
     OUT/videos/<stem>.mp4      RGB uint8, 16 fps, H.264 (written atomically, one by one)
-    OUT/latents/<stem>.npz     latents [F, C, h, w] float32, chunk_frames, seed, prompt
+    OUT/latents/<stem>.npz     latents [F, C, h, w] float32, chunk_frames, seed, prompt, settings (JSON)
     OUT/generation.json        settings, seeds, prompts -> stems
 
 ``<stem>`` is ``<sanitised prompt>-<sample index>`` (VBench naming). Without checkpoints the built-in
@@ -176,6 +176,9 @@ class TextToVideo:
                 raise PermissionError(f"cannot create output folder {d}: {e.strerror or e}") from e
             if not os.access(d, os.W_OK):
                 raise PermissionError(f"output folder {d} is not writable")
+        run_settings = {"seed": seed, "num_frames": num_frames, "height": height, "width": width, "fps": FPS,
+                        "dit": self.dit.config.to_dict(), "sampler": dataclasses.asdict(self.pipeline.config),
+                        **(settings or {})}
         embeds = self.encode_prompts(list(prompts))
         counts: dict[str, int] = {}
         entries = []
@@ -189,22 +192,37 @@ class TextToVideo:
             entry = {"prompt": prompt, "stem": stem, "seed": seed + i, "video": os.path.relpath(video_path, out_dir),
                      "latents": os.path.relpath(latent_path, out_dir)}
             entries.append(entry)
-            if skip_existing and os.path.exists(video_path) and os.path.exists(latent_path):
+            recorded = _video_settings(run_settings, prompt, seed + i)
+            if skip_existing and os.path.exists(video_path) and _recorded_settings(latent_path) == recorded:
                 continue
+            if skip_existing and os.path.exists(video_path):
+                log.info("%s: regenerating, its recorded settings differ from this run's", stem)
             lat, frames = self.generate_one(embeds[i], seed + i, shape)
-            with atomic_output(latent_path, overwrite=True) as tmp:
+            write_video(video_path, frames)
+            with atomic_output(latent_path, overwrite=True) as tmp:  # last: records what the video was made with
                 with open(tmp, "wb") as fh:
                     np.savez(fh, latents=lat, chunk_frames=self.dit.config.num_frame_per_block, seed=seed + i,
-                             prompt=prompt)
-            write_video(video_path, frames)
-        manifest = {"settings": {"seed": seed, "num_frames": num_frames, "height": height, "width": width,
-                                 "fps": FPS, "dit": self.dit.config.to_dict(),
-                                 "sampler": dataclasses.asdict(self.pipeline.config), **(settings or {})},
-                    "videos": entries}
+                             prompt=prompt, settings=recorded)
+        manifest = {"settings": run_settings, "videos": entries}
         with atomic_output(os.path.join(out_dir, "generation.json"), overwrite=True) as tmp:
             with open(tmp, "w") as fh:
                 json.dump(manifest, fh, indent=2)
         return manifest
+
+
+def _video_settings(run_settings: dict, prompt: str, seed: int) -> str:
+    """Everything one video depends on, as canonical JSON (stored in its latents .npz)."""
+    per_video = {**run_settings, "seed": seed, "prompt": prompt}
+    return json.dumps(per_video, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _recorded_settings(latent_path: str) -> str | None:
+    """The settings recorded beside an existing video (None if absent or unreadable: regenerate)."""
+    try:
+        with np.load(latent_path, allow_pickle=False) as z:
+            return str(z["settings"]) if "settings" in z else None
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
 
 
 # --------------------------------------------------------------------------------------- builders

@@ -136,7 +136,8 @@ def layer_type(name: str) -> str:
 
 
 def outlier_report(weights: Mapping[str, np.ndarray], method: OutlierMethod = "mad_zscore", align: int = 32, *,
-                   name_filter: Sequence[str] | None = ("block",), in_axis: int = 1, **detect_kwargs) -> dict:
+                   name_filter: Sequence[str] | None = ("block",), in_axis: int = 1, progress: bool = False,
+                   **detect_kwargs) -> dict:
     """Run :func:`detect_outliers` on every weight whose name contains one of ``name_filter``
     (Q-ARVD: ``["block"]``; ``None`` = all) and summarise per layer type.
 
@@ -148,11 +149,14 @@ def outlier_report(weights: Mapping[str, np.ndarray], method: OutlierMethod = "m
          "overall": {"n_layers", "n_dual_scale", "share"},
          "skipped": [names outside the filter]}
 
-    ``share`` is the fraction of layers of that type that become dual-scale (K > 0).
+    ``share`` is the fraction of layers of that type that become dual-scale (K > 0). ``progress``
+    shows a tqdm bar over the layers.
     """
+    from tqdm.auto import tqdm
+
     layers: dict[str, dict] = {}
     skipped: list[str] = []
-    for name, w in weights.items():
+    for name, w in tqdm(weights.items(), total=len(weights), desc="outliers", unit="layer", disable=not progress):
         if name_filter is not None and not any(f in name for f in name_filter):
             skipped.append(name)
             continue

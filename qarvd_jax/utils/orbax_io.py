@@ -21,12 +21,17 @@ def save_trees(dst: str | os.PathLike, trees: Mapping[str, Any], metadata: Mappi
     """Write ``trees`` (name -> pytree of arrays) and ``metadata`` (JSON) atomically to ``dst``."""
     import orbax.checkpoint as ocp
 
-    from convert.state_dict_io import atomic_output
+    from convert.state_dict_io import atomic_output, is_saved_tree_dir
 
     if "metadata" in trees:
         raise ValueError("'metadata' is reserved for the JSON item")
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    with atomic_output(dst, overwrite=overwrite, kind="dir", replaceable=is_saved_tree_dir,
+                       what="an Orbax checkpoint") as tmp:
+        # host arrays written by this process alone: no barrier with the other processes of a multi-host
+        # run (which would wait forever for processes that do not call save_trees)
+        me = jax.process_index()
+        mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=mp)
         args = {k: ocp.args.PyTreeSave(v) for k, v in trees.items()}
         ckpt.save(tmp, args=ocp.args.Composite(metadata=ocp.args.JsonSave(dict(metadata)), **args))
         ckpt.close()

@@ -40,7 +40,7 @@ from qarvd_jax.quant.fake_quant import QuantParams, QuantSpec, quantize
 from qarvd_jax.quant.recipe import LayerQuantConfig
 
 __all__ = ["INT_FORMAT", "SUPPORTED_W_BITS", "ARRAY_NAMES", "export_layer", "export_model",
-           "export_checkpoint", "save_export", "load_export", "is_integer_export",
+           "export_checkpoint", "nonfinite_arrays", "save_export", "load_export", "is_integer_export",
            "resolve_quantized_checkpoint", "layer_bytes", "format_bytes_report"]
 
 INT_FORMAT = "qarvd-jax/integer-wan-dit/v1"
@@ -154,7 +154,8 @@ def _prune_empty(tree):
     return tree
 
 
-def export_model(model: nnx.Module, dtype: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def export_model(model: nnx.Module, dtype: str | None = None, *, progress: bool = False
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Integer export of a quantized CausalWanModel (QuantLinears with their QuantState), in memory.
 
     Args:
@@ -165,7 +166,10 @@ def export_model(model: nnx.Module, dtype: str | None = None) -> tuple[dict[str,
       ``(trees, meta)``: ``trees = {"params": float pure dict without the quantized layers,
       "int": pure dict with one array dict per quantized layer at its module path}`` (host numpy);
       ``meta``: format, model_config (``param_dtype`` = ``dtype``), per-layer shapes/bits/bytes, totals.
+      ``progress`` shows a tqdm bar over the quantized layers.
     """
+    from tqdm.auto import tqdm
+
     from qarvd_jax.models.wan.params import flax_path_to_torch_name
     from qarvd_jax.quant.qlinear import QuantLinear
 
@@ -175,9 +179,15 @@ def export_model(model: nnx.Module, dtype: str | None = None) -> tuple[dict[str,
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     int_tree: dict = {}
     layers: dict[str, dict] = {}
-    for path, node in nnx.iter_graph(model):
-        if not isinstance(node, QuantLinear):
-            continue
+    qlayers = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)]
+    from qarvd_jax.quant.methods.model import iter_method_layers
+
+    no_int = {(layer.method, name) for name, layer in iter_method_layers(model)}
+    if no_int:
+        method, name = sorted(no_int)[0]
+        raise ValueError(f"method {method!r} has no integer form (layer {name} and {len(no_int) - 1} more); "
+                         "`qarvd export` takes rtn (static activations), gptq and qarvd checkpoints")
+    for path, node in tqdm(qlayers, desc="export", unit="layer", disable=not progress):
         name = flax_path_to_torch_name(path)
         _delete_path(params, path)
         k, n = node.kernel[...].shape
@@ -218,16 +228,39 @@ def save_export(dst: str | os.PathLike, trees: Mapping[str, Any], meta: Mapping[
     return save_trees(dst, {"params": trees["params"], "int": trees["int"]}, meta, overwrite=overwrite)
 
 
+def nonfinite_arrays(model: nnx.Module) -> list[tuple[str, np.ndarray]]:
+    """``(name, array)`` of every parameter and quantizer state array of ``model`` (for NaN/inf checks)."""
+    from qarvd_jax.models.wan.params import flax_path_to_torch_name
+
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model))):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            continue
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        out.append((flax_path_to_torch_name(keys), leaf))
+    return out
+
+
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None = None,
-                      overwrite: bool = False) -> dict[str, Any]:
-    """Load a quantized checkpoint (or its run folder), export it to ``dst``; returns the metadata."""
+                      overwrite: bool = False, allow_nonfinite: bool = False, progress: bool = False
+                      ) -> dict[str, Any]:
+    """Load a quantized checkpoint (or its run folder), export it to ``dst``; returns the metadata.
+
+    ``dst`` is checked before loading: it may not be (or contain) the source, and an existing one
+    is replaced (``overwrite``) only if it is an integer export. NaN/inf in the weights or
+    quantizer state are refused, naming the tensors, unless ``allow_nonfinite``.
+    """
+    from convert.state_dict_io import FiniteCheck, check_destination
     from qarvd_jax.quant.checkpoint import load_quantized_model
 
+    orig = src
     src = resolve_quantized_checkpoint(src)
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists (use --overwrite)")
+    check_destination(dst, kind="dir", overwrite=overwrite, sources=[orig, src], replaceable=is_integer_export,
+                      what="an integer export")
     model, src_meta = load_quantized_model(src)
-    trees, meta = export_model(model, dtype)
+    FiniteCheck(os.fspath(src), allow_nonfinite).add_all(nonfinite_arrays(model)).finish()
+    trees, meta = export_model(model, dtype, progress=progress)
     meta["source"] = {"checkpoint": os.path.abspath(src),
                       **{k: v for k, v in src_meta.items() if k not in ("layers", "model_config", "format")}}
     save_export(dst, trees, meta, overwrite=overwrite)
