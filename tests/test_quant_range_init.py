@@ -175,3 +175,24 @@ def test_range_init_errors():
         percentile_mse_init(jnp.ones((2, 8)), QuantSpec.qarvd_weight(8), percentiles=(0.3,))
     with pytest.raises(ValueError, match="quantiles"):
         histogram_percentile_mse_init(xs, spec, quantiles="kde")
+
+
+def test_histogram_counts_past_int32_are_exact(monkeypatch):
+    """Counts are summed per block of samples in int64: with the int32 limit lowered to 7000, 15000 elements
+    (3 blocks of 2 samples) give the same quantiles and the same activation init as the numpy reference; one
+    sample over the limit is a clear error (the real limit: 2^31 elements, 1.3B ffn.2 with 2 prompts = 2.9e9)."""
+    from qarvd_jax.quant import range_init
+
+    rng = np.random.default_rng(7)
+    xs = rng.standard_t(4, size=(5, 3000)).astype(np.float32)
+    levels = [1e-3, 0.5, 0.999]
+    want = np.asarray(histogram_quantiles(jnp.asarray(xs), levels, bins=512))
+    monkeypatch.setattr(range_init, "_INT32_MAX", 7000)
+    np.testing.assert_array_equal(np.asarray(histogram_quantiles(jnp.asarray(xs), levels, bins=512)), want)
+    width = (xs.max() - xs.min()) / 512
+    np.testing.assert_allclose(want, np_histogram_quantiles(xs, levels, 512), atol=1.01 * width)
+    spec = QuantSpec.qarvd_activation(8)
+    res = histogram_percentile_mse_init(jnp.asarray(xs), spec, bins=512)
+    assert np.isfinite(np.asarray(res.scores)).all()
+    with pytest.raises(ValueError, match="one calibration sample holds 9000 elements.*calib_tokens"):
+        histogram_quantiles(jnp.asarray(rng.normal(size=(2, 9000)).astype(np.float32)), levels)

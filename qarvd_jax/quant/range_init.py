@@ -21,6 +21,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .fake_quant import QuantParams, QuantSpec, fake_quant, group_layout, group_reduce, group_rows, params_from_range
 
@@ -124,23 +125,43 @@ def histogram_quantiles(samples, levels, bins: int = HISTOGRAM_BINS) -> jax.Arra
     One histogram with ``bins`` equal bins over ``[min, max]`` of everything (``torch.histc``
     binning: ``floor((x - min)/(max - min)·bins)``, the max falls in the last bin), CDF = cumsum /
     total (float32); for each level q the first bin with ``CDF >= q`` (``searchsorted`` left); the
-    returned value is that bin's centre ``min + (idx + 0.5)·(max - min)/bins``. Counts are accumulated
-    sample by sample in int32, so the total element count must stay below 2^31.
+    returned value is that bin's centre ``min + (idx + 0.5)·(max - min)/bins``. Counts are exact for any
+    element count: int32 on device per block of samples (< 2^31 elements each), summed on the host in int64
+    (the 1.3B's ``ffn.2`` holds 1.47e9 elements per calibration prompt).
 
     Returns float32 of shape ``levels.shape``.
     """
     samples = stack_samples(samples)
-    if samples.size > _INT32_MAX:
-        raise ValueError(f"histogram over {samples.size} elements would overflow int32 counts")
-    if not isinstance(bins, int) or bins < 1:
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
-    return _histogram_quantiles(samples, jnp.asarray(levels, jnp.float32), bins)
+    levels = jnp.asarray(levels, jnp.float32)
+    per_sample = int(np.prod(samples.shape[1:], dtype=np.int64))
+    if per_sample > _INT32_MAX:
+        raise ValueError(f"one calibration sample holds {per_sample} elements; per-sample histogram counts are "
+                         "int32 (< 2^31): subsample tokens (calib_tokens)")
+    x_min, x_max = _min_max(samples)
+    if isinstance(samples, jax.core.Tracer):  # traced by a caller's jit: one on-device int32 block
+        if samples.size > _INT32_MAX:
+            raise ValueError(f"a traced histogram over {samples.size} elements would overflow int32 counts; "
+                             "call it outside jit (host int64 accumulation)")
+        cum = jnp.cumsum(_block_counts(samples, x_min, x_max, bins)).astype(jnp.float32)
+        return _quantiles_from_counts(cum, levels, x_min, x_max)
+    block = max(1, _INT32_MAX // max(per_sample, 1))
+    counts = np.zeros((bins,), np.int64)
+    for start in range(0, samples.shape[0], block):
+        counts += np.asarray(_block_counts(samples[start:start + block], x_min, x_max, bins), np.int64)
+    return _quantiles_from_counts(jnp.asarray(np.cumsum(counts), jnp.float32), levels, x_min, x_max)
+
+
+@jax.jit
+def _min_max(samples: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # exact in any float dtype
+    return jnp.min(samples).astype(jnp.float32), jnp.max(samples).astype(jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("bins",))
-def _histogram_quantiles(samples: jax.Array, levels: jax.Array, bins: int) -> jax.Array:
-    # min/max are exact in any float dtype; samples are cast to float32 one at a time (memory)
-    x_min, x_max = jnp.min(samples).astype(jnp.float32), jnp.max(samples).astype(jnp.float32)
+def _block_counts(samples: jax.Array, x_min: jax.Array, x_max: jax.Array, bins: int) -> jax.Array:
+    """int32 [bins] counts of a block of samples (cast to float32 one sample at a time: memory)."""
     span = x_max - x_min
     safe_span = jnp.where(span > 0, span, 1.0)
 
@@ -150,10 +171,16 @@ def _histogram_quantiles(samples: jax.Array, levels: jax.Array, bins: int) -> ja
         return counts + jnp.bincount(idx.ravel(), length=bins).astype(jnp.int32), None
 
     counts, _ = jax.lax.scan(add_sample, jnp.zeros((bins,), jnp.int32), samples)
-    cum = jnp.cumsum(counts)
-    cdf = cum.astype(jnp.float32) / cum[-1].astype(jnp.float32)  # torch compares float32 CDF and levels
+    return counts
+
+
+@jax.jit
+def _quantiles_from_counts(cum: jax.Array, levels: jax.Array, x_min: jax.Array, x_max: jax.Array) -> jax.Array:
+    """Bin centres at ``levels`` from the cumulative counts (float32, as torch compares CDF and levels)."""
+    bins = cum.shape[0]
+    cdf = cum / cum[-1]
     idx = jnp.clip(jnp.searchsorted(cdf, levels, side="left"), 0, bins - 1)
-    return x_min + (idx.astype(jnp.float32) + 0.5) * (span / bins)
+    return x_min + (idx.astype(jnp.float32) + 0.5) * ((x_max - x_min) / bins)
 
 
 def candidate_scores(x: jax.Array, lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> jax.Array:
@@ -219,26 +246,28 @@ def histogram_percentile_mse_init(samples, spec: QuantSpec, *, sample_weights: j
     ps = _check_percentiles(percentiles)
     samples = stack_samples(samples)
     n = samples.shape[0]
-    if quantiles == "histogram" and (not isinstance(bins, int) or bins < 1 or samples.size > _INT32_MAX):
-        raise ValueError(f"need a positive int bins and < 2^31 elements, got bins={bins!r}, {samples.size} elements")
+    levels = _quantile_levels(ps)
+    if quantiles == "histogram":
+        qs = histogram_quantiles(samples, levels, bins)
+    else:
+        qs = _exact_quantiles_all(samples, tuple(levels))
     if sample_weights is None:
         weights = jnp.ones((n,), jnp.float32)
     else:
         weights = jnp.asarray(sample_weights, jnp.float32)
         if weights.shape != (n,):
             raise ValueError(f"sample_weights must have shape ({n},) (one per sample), got {weights.shape}")
-    return _histogram_percentile_mse_init(samples, weights, spec, ps, bins, quantiles)
+    return _score_candidates(samples, weights, qs, spec, len(ps))
 
 
-@partial(jax.jit, static_argnames=("spec", "ps", "bins", "quantiles"))
-def _histogram_percentile_mse_init(samples, weights, spec: QuantSpec, ps: tuple[float, ...], bins: int,
-                                   quantiles: str) -> RangeSearchResult:
-    levels = _quantile_levels(ps)
-    if quantiles == "histogram":
-        qs = _histogram_quantiles(samples, jnp.asarray(levels, jnp.float32), bins)
-    else:
-        qs = exact_quantiles(samples.reshape(1, -1), levels)[:, 0]
-    lo, hi = qs[: len(ps)], qs[len(ps):]
+@partial(jax.jit, static_argnames=("levels",))
+def _exact_quantiles_all(samples: jax.Array, levels: tuple[float, ...]) -> jax.Array:
+    return exact_quantiles(samples.reshape(1, -1), list(levels))[:, 0]
+
+
+@partial(jax.jit, static_argnames=("spec", "num_p"))
+def _score_candidates(samples, weights, qs, spec: QuantSpec, num_p: int) -> RangeSearchResult:
+    lo, hi = qs[:num_p], qs[num_p:]
     per_sample = jax.lax.map(lambda xi: candidate_scores(xi, lo, hi, spec), samples)  # [N, P]
     scores = jnp.mean(weights[:, None] * per_sample, axis=0)
     return _select(lo, hi, scores, spec)
