@@ -210,6 +210,13 @@ def _rebuild_parameter_with_state(data, requires_grad=False, backward_hooks=None
     return data
 
 
+def _codecs_encode(text, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles use it for ``bytes`` (``encode(str, "latin1")``) and nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise CheckpointFormatError(f"unsupported _codecs.encode call ({_short(encoding)})")
+    return text.encode("latin-1")
+
+
 # --------------------------------------------------------------------------------- opcode scan
 _ATOMS = frozenset({
     "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
@@ -358,6 +365,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("builtins", "set"): set,
         ("builtins", "frozenset"): frozenset,
         ("builtins", "slice"): slice,
+        ("_codecs", "encode"): _codecs_encode,
     }
 
     def __init__(self, file, load_storage, source: str):
@@ -366,6 +374,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._source = source
 
     def find_class(self, module: str, name: str):
+        if module == "__builtin__":  # protocol 2 (torch's default) names builtins the Python 2 way
+            module = "builtins"
         if (module, name) in self._ALLOWED:
             return self._ALLOWED[(module, name)]
         if module == "torch" and name in STORAGE_DTYPES:
@@ -423,8 +433,10 @@ def unpickle(stream, unpickler: RestrictedUnpickler, source: str):
     stream.seek(start)
     try:
         obj = unpickler.load()
-    except CheckpointFormatError:
-        raise
+    except CheckpointFormatError as e:
+        if source in str(e):
+            raise
+        raise type(e)(f"{source}: {e}") from None
     except RecursionError:
         raise CheckpointFormatError(f"{source}: the pickle nests objects too deeply") from None
     except Exception as e:  # noqa: BLE001 - hostile pickles raise TypeError/KeyError/MemoryError/...

@@ -185,7 +185,8 @@ STRIDE_CASES = [
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
-@pytest.mark.parametrize("view, message", STRIDE_CASES, ids=[f"{m[:20]}-{i}" for i, (_, m) in enumerate(STRIDE_CASES)])
+@pytest.mark.parametrize("view, message", STRIDE_CASES,
+                         ids=[f"{m[:20]}-{i}" for i, (_, m) in enumerate(STRIDE_CASES)])
 def test_tensor_views_stay_inside_their_storage(tmp_path, fmt, view, message):
     offset, size, stride = view
     if fmt == "zip":
@@ -205,9 +206,9 @@ def test_tensor_views_stay_inside_their_storage(tmp_path, fmt, view, message):
 
 def test_sound_views_still_load(tmp_path):
     """Transposes, size-1 dims with any stride, empty tensors, offsets: all within the storage."""
-    items = {"t": tensor(storage_pid("0", 16), 0, (4, 4), (1, 4)), "one": tensor(storage_pid("0", 16), 3, (1, 4), (0, 1)),
-             "empty": tensor(storage_pid("0", 16), 0, (0, 5), (5, 1)), "tail": tensor(storage_pid("0", 16), 15, (1,), (1,)),
-             "scalar": tensor(storage_pid("0", 16), 7, (), ())}
+    views = {"t": (0, (4, 4), (1, 4)), "one": (3, (1, 4), (0, 1)), "empty": (0, (0, 5), (5, 1)),
+             "tail": (15, (1,), (1,)), "scalar": (7, (), ())}
+    items = {k: tensor(storage_pid("0", 16), *v) for k, v in views.items()}
     got = load_torch_file(write_zip(tmp_path / "ok.pt", state_dict(items), {"0": F16}))
     ref = np.arange(16, dtype=np.float32)
     np.testing.assert_array_equal(got["t"], ref.reshape(4, 4).T)
@@ -359,3 +360,23 @@ def test_other_zip_problems(tmp_path):
         zf.writestr("a/byteorder", b"\xff" * 100)
     with pytest.raises(CheckpointFormatError, match="unknown byteorder"):
         load_torch_file(tmp_path / "bo.pt")
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_plain_containers_of_every_protocol_still_load(tmp_path, protocol):
+    """The scan and allow-list accept what pickle writes for OrderedDict (BUILD of _metadata), sets, slices,
+    bytes (protocol 2: ``_codecs.encode``) and protocol 4 framing/memoize/STACK_GLOBAL."""
+    import collections
+    import pickle
+
+    od = collections.OrderedDict(a=1, b=[1, (2, 3)], c={"f": frozenset({1}), "s": {2, 3}})
+    od._metadata = collections.OrderedDict({"": {"version": 1}})
+    obj = {"sd": od, "sl": slice(1, 2), "by": b"x\xff", "fl": 1.5}
+    got = load_torch_file(write_zip(tmp_path / "p.pt", pickle.dumps(obj, protocol=protocol)))
+    assert got == obj and got["sd"]._metadata == od._metadata
+
+
+def test_codecs_encode_is_only_the_bytes_idiom(tmp_path):
+    call = op_global("_codecs", "encode") + op_tuple(op_str("x"), op_str("rot13")) + b"R"
+    with pytest.raises(CheckpointFormatError, match=r"c.pt: unsupported _codecs.encode"):
+        load_torch_file(write_zip(tmp_path / "c.pt", state_dict({"w": call})))
