@@ -305,22 +305,27 @@ def test_export_never_deletes_the_run_or_a_foreign_folder(tmp_path, capsys):
     assert _tree(run) == before and os.path.isdir(other / "videos")
 
 
-def test_export_reports_and_refuses_nonfinite_weights(tmp_path, monkeypatch):
+def test_export_reports_and_refuses_nonfinite_weights(tmp_path, monkeypatch, capsys):
     from flax import nnx
 
     from qarvd_jax.models.wan.model import CausalWanModel
     from qarvd_jax.quant import checkpoint as qckpt
-    from qarvd_jax.quant.integer.export import export_checkpoint
-    from qarvd_jax.quant.qlinear import quantize_model
+    from qarvd_jax.quant.integer.export import export_checkpoint, export_model
+    from qarvd_jax.quant.qlinear import quantize_model, set_quant_flags
     from qarvd_jax.quant.recipe import QuantRule
 
     model = CausalWanModel(WanDiTConfig.tiny(num_layers=1), rngs=nnx.Rngs(0))
     quantize_model(model, (QuantRule("blocks.*", w_bits=8, a_bits=8),))
+    set_quant_flags(model, weights=True, acts=True)
     model.blocks[0].ffn.layers[0].kernel[...] = model.blocks[0].ffn.layers[0].kernel[...].at[0, 0].set(np.nan)
     monkeypatch.setattr(qckpt, "load_quantized_model", lambda path, dtype=None: (model, {}))
+    run = _fake_run(tmp_path)
     with pytest.raises(NonFiniteError, match=r"blocks.0.ffn.0.kernel \(1 NaN, 0 inf\)"):
-        export_checkpoint(_fake_run(tmp_path), tmp_path / "int")
+        export_checkpoint(run, tmp_path / "int")
     assert not (tmp_path / "int").exists()
+    capsys.readouterr()
+    export_model(model, progress=True)  # what export_checkpoint runs after the check (allowed: no raise)
+    assert "export: 100%" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ evaluate
