@@ -44,6 +44,12 @@ def register(sub) -> None:
     g.add_argument("--tfds-data-dir", help="TFDS data_dir of a registered dataset")
     g.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize() first "
                    "(also with QARVD_DISTRIBUTED=1)")
+    g.add_argument("--coordinator", help="HOST:PORT of process 0 where JAX cannot detect the cluster (with "
+                   "--num-processes and --process-id; implies --distributed)")
+    g.add_argument("--num-processes", type=positive_int, help="number of processes (with --coordinator)")
+    g.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
+    g.add_argument("--profile", help="write a jax.profiler trace of steps --profile-steps to this folder")
+    g.add_argument("--profile-steps", default="2:4", help="step range START:STOP of the trace (default 2:4)")
     add_qarvd_config_args(p)
     p.set_defaults(func=run)
 
@@ -98,7 +104,8 @@ def run_qat_command(args) -> int:
         raise FileNotFoundError(f"sensitivity file not found: {args.sensitivity} (produce it with `qarvd sensitivity`)")
     if args.tfds and args.prompts:
         raise ValueError("give either --prompts or --tfds, not both")
-    initialize_distributed(cfg.distributed)  # before any other JAX work
+    initialize_distributed(cfg.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
+                           process_id=args.process_id)  # before any other JAX work
     mesh = make_mesh(cfg.mesh)  # fail fast on a bad --mesh
     if args.tfds:
         source = PromptSource(tfds=args.tfds, tfds_split=args.tfds_split, tfds_key=args.tfds_key,
@@ -108,7 +115,13 @@ def run_qat_command(args) -> int:
     else:
         source = PromptSource(prompts=DEMO_PROMPTS, max_prompts=cfg.max_prompts)
     stack = build_stack(generate_config(args), args.out)
-    res = run_qat(stack, cfg, source, out_dir=args.out, sensitivity=args.sensitivity, mesh=mesh)
+    profile = None
+    if args.profile:
+        a, _, b = args.profile_steps.partition(":")
+        if not (a.isdigit() and b.isdigit() and int(a) < int(b)):
+            raise ValueError(f"--profile-steps {args.profile_steps!r} must be START:STOP with START < STOP")
+        profile = (args.profile, int(a), int(b))
+    res = run_qat(stack, cfg, source, out_dir=args.out, sensitivity=args.sensitivity, mesh=mesh, profile=profile)
     import jax
 
     if jax.process_index() == 0:

@@ -217,5 +217,7 @@ def check_batch_divisible(global_batch: int, mesh, batch_axes: Sequence[str]) ->
     """The global batch must split evenly over the batch mesh axes."""
     n = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
     if global_batch % n:
+        up = -(-global_batch // n) * n
         raise ValueError(f"batch_size={global_batch} is not divisible by the {n} batch shards "
-                         f"({' x '.join(f'{a}={mesh.shape[a]}' for a in batch_axes)})")
+                         f"({' x '.join(f'{a}={mesh.shape[a]}' for a in batch_axes)}): use batch_size={up} "
+                         f"(or another multiple of {n})")

@@ -44,7 +44,7 @@ from qarvd_jax.train.rollout import Distiller
 from qarvd_jax.train.state import (QATCheckpointer, TrainState, abstract_like, lr_schedule, make_optimizer,
                                    project_scales, trainable_filter)
 
-__all__ = ["initialize_distributed", "load_chunk_weights", "prepare_student", "calibrate_student", "train_step",
+__all__ = ["initialize_distributed", "validate_mesh", "load_chunk_weights", "prepare_student", "calibrate_student", "train_step",
            "QATTrainer", "QATResult", "run_qat"]
 
 log = logging.getLogger(__name__)
@@ -54,18 +54,39 @@ _RESUME_FIELDS = ("train_weights", "w_bits", "a_bits", "dual_scale", "outlier_me
                   "quantize_text_embedding", "batch_size", "seed", "clip_norm")
 
 
-def initialize_distributed(enabled: bool = False) -> bool:
-    """``jax.distributed.initialize()`` (cluster auto-detection) when ``enabled`` or ``QARVD_DISTRIBUTED=1``.
+def initialize_distributed(enabled: bool = False, *, coordinator: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           timeout_s: int = 300) -> bool:
+    """``jax.distributed.initialize()`` when ``enabled`` or ``QARVD_DISTRIBUTED=1``.
 
-    Call before any other JAX work. Returns whether JAX runs distributed.
+    Without ``coordinator`` JAX auto-detects the cluster (TPU pods, SLURM, ...); with
+    ``coordinator="HOST:PORT"``, ``num_processes`` and ``process_id`` it joins that cluster (any
+    machines, CPU included: CPU collectives use gloo). ``timeout_s`` bounds the wait for the other
+    processes. Call before any other JAX work. Returns whether JAX runs distributed.
     """
-    if not (enabled or os.environ.get("QARVD_DISTRIBUTED", "") in ("1", "true")):
+    explicit = coordinator is not None or num_processes is not None or process_id is not None
+    if not (enabled or explicit or os.environ.get("QARVD_DISTRIBUTED", "") in ("1", "true")):
         return False
+    if explicit and (coordinator is None or num_processes is None or process_id is None):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if explicit and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id} is not in [0, {num_processes})")
     if not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        kw = {"initialization_timeout": int(timeout_s)}
+        if explicit:
+            kw.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+            if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+                jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(**kw)
     log.info("distributed: process %d of %d, %d devices", jax.process_index(), jax.process_count(),
              jax.device_count())
     return True
+
+
+def validate_mesh(cfg: QATConfig, mesh: Mesh, model_config) -> None:
+    """Batch / head / FFN divisibility by the mesh, with the values that would work."""
+    check_batch_divisible(cfg.batch_size, mesh, shd.rules_table(cfg.logical_axis_rules).get("batch", ()))
+    shd.check_model_divisible(model_config, mesh)
 
 
 def load_chunk_weights(path: str | None, num_chunks: int) -> tuple[np.ndarray | None, list | None]:
@@ -293,6 +314,30 @@ class QATTrainer:
         return model
 
 
+class _Preemption:
+    """SIGTERM sets ``requested`` (the loop saves and stops) instead of killing the process."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint after the current step")
+        self.requested = True
+
+    def restore(self):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
 @dataclass
 class QATResult:
     """What :func:`run_qat` did: final step, the log entries of this run folder, output paths."""
@@ -338,7 +383,17 @@ def plot_losses(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def _check_resume(meta: dict, cfg: QATConfig, directory: str) -> None:
+def _check_resume(meta: dict, cfg: QATConfig, directory: str, omega=None) -> None:
+    if "process_count" in meta and meta["process_count"] != jax.process_count():
+        raise ValueError(f"{directory}: the checkpoint was written by {meta['process_count']} processes, this run has "
+                         f"{jax.process_count()}; the data order depends on the process count (each process "
+                         f"permutes its own prompt slice), so resume with the same number of processes or use "
+                         f"another --out")
+    if "chunk_weights" in meta:
+        new = None if omega is None else [float(v) for v in np.asarray(omega, np.float32)]
+        if meta["chunk_weights"] != new:
+            raise ValueError(f"{directory}: the checkpoint was trained with chunk weights {meta['chunk_weights']} "
+                             f"(--sensitivity), this run has {new}; pass the original --sensitivity or use another --out")
     old = meta.get("config", {})
     for name in _RESUME_FIELDS:
         if name in old and old[name] != getattr(cfg, name):
@@ -351,7 +406,7 @@ def _check_resume(meta: dict, cfg: QATConfig, directory: str) -> None:
 
 def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_dir: str,
             sensitivity: str | None = None, mesh: Mesh | None = None, return_state: bool = False,
-            jit_cache: dict | None = None) -> QATResult:
+            jit_cache: dict | None = None, profile: tuple[str, int, int] | None = None) -> QATResult:
     """QAT of ``stack.dit`` into ``out_dir`` (resuming from ``out_dir/checkpoints`` when present).
 
     Args:
@@ -362,6 +417,11 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
       mesh: device mesh (default ``make_mesh(cfg.mesh)``).
       return_state: keep the final :class:`TrainState` in the result (tests).
       jit_cache: see :class:`QATTrainer` (reuse compiled steps across runs in one process).
+      profile: ``(folder, start, stop)``: a ``jax.profiler`` trace of the 0-based steps [start, stop).
+
+    Metrics are fetched one step late (the host never waits for the step it just launched). A
+    SIGTERM (preemption) saves a checkpoint after the running step and returns without the export;
+    rerunning the command resumes there.
 
     Returns a :class:`QATResult`; writes checkpoints, ``train_log.jsonl``, ``train_loss.png``,
     ``quantized/`` and ``qat.json`` (files on process 0 only).
@@ -371,6 +431,7 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     if not isinstance(source, PromptSource):
         source = PromptSource(prompts=tuple(source), max_prompts=cfg.max_prompts)
     mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
+    validate_mesh(cfg, mesh, stack.dit.config)  # before calibration and any other heavy work
     main = jax.process_index() == 0
     latent_shape = stack.latent_shape
     sampler = stack.t2v.pipeline.config
@@ -394,13 +455,13 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     else:
         abstract_state, abstract_frozen = trainer.abstract_state()
         meta = ckpt.read_meta(latest)
-        _check_resume(meta, cfg, ckpt.directory)
+        _check_resume(meta, cfg, ckpt.directory, omega)
         state, frozen, meta = ckpt.restore(latest, abstract_state, abstract_frozen)
         trainer.set_frozen(frozen)
         if meta["data_position"] != data.data_position(latest):
             raise ValueError(f"checkpoint {latest}: data position {meta['data_position']} != "
                              f"{data.data_position(latest)} expected for batch_size={cfg.batch_size}")
-        rows = _read_log(log_path, latest)
+        rows = _read_log(log_path, latest) if main else []  # process 0 owns the log (no read while it rewrites)
         if main:
             log.info("resumed from %s at step %d", ckpt.directory, latest)
     start = int(jax.device_get(state.step))
@@ -410,29 +471,61 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     def meta_for(step: int) -> dict:
         return {"step": step, "data_position": data.data_position(step), "global_batch": cfg.batch_size,
                 "schedule_steps": cfg.schedule_steps, "process_count": jax.process_count(),
-                "config": cfg.to_dict()}
+                "chunk_weights": None if omega is None else [float(v) for v in omega], "config": cfg.to_dict()}
 
     saved = latest
     bar = tqdm(total=cfg.steps, initial=start, desc="QAT", disable=not main)
     t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        batch = data.global_batch_arrays(step, trainer.batch_sh)
-        state, metrics = trainer.step(state, batch)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            m = jax.device_get(metrics)
-            row = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                   "lr": float(m["lr"]), "chunk_loss": [float(v) for v in m["chunk_loss"]],
-                   "data_position": data.data_position(done), "time_s": round(time.perf_counter() - t0, 3)}
-            rows.append(row)
-            if main:
-                _write_log(log_path, [row], mode="a")
-                bar.set_postfix(loss=f"{row['loss']:.4g}", gnorm=f"{row['grad_norm']:.3g}")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            ckpt.save(done, state, trainer.frozen, meta_for(done))
-            saved = done
-        bar.update(1)
+    pending = None  # (step, device metrics) logged one step late: no host sync behind the running step
+
+    def flush():
+        done, metrics = pending
+        m = jax.device_get(metrics)
+        row = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               "lr": float(m["lr"]), "chunk_loss": [float(v) for v in m["chunk_loss"]],
+               "data_position": data.data_position(done), "time_s": round(time.perf_counter() - t0, 3)}
+        rows.append(row)
+        if main:
+            _write_log(log_path, [row], mode="a")
+            bar.set_postfix(loss=f"{row['loss']:.4g}", gnorm=f"{row['grad_norm']:.3g}")
+
+    stop = _Preemption()
+    tracing = False
+    try:
+        for step in range(start, cfg.steps):
+            if profile is not None and step == profile[1]:
+                jax.profiler.start_trace(profile[0])
+                tracing = True
+            batch = data.global_batch_arrays(step, trainer.batch_sh)
+            state, metrics = trainer.step(state, batch)
+            done = step + 1
+            if pending is not None:
+                flush()
+                pending = None
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                pending = (done, metrics)
+            if tracing and done >= profile[2]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                tracing = False
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.requested:
+                ckpt.save(done, state, trainer.frozen, meta_for(done))
+                saved = done
+            bar.update(1)
+            if stop.requested:
+                break
+        if pending is not None:
+            flush()
+    finally:
+        stop.restore()
+        if tracing:
+            jax.profiler.stop_trace()
     bar.close()
+    if stop.requested:  # preempted: the checkpoint of this step is saved; rerun the command to resume
+        ckpt.close()
+        log.warning("SIGTERM: saved step %d to %s; rerun the same command to resume", saved, ckpt.directory)
+        return QATResult(step=int(saved), history=rows, resumed_from=latest, quantized=None,
+                         state=state if return_state else None)
     final = int(jax.device_get(state.step))
     if saved != final:
         ckpt.save(final, state, trainer.frozen, meta_for(final))
@@ -444,10 +537,14 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
             plot_losses(rows, os.path.join(out_dir, "train_loss.png"))
         meta = {"method": "qat", "qat": cfg.to_dict(), "sensitivity": sens, "steps": final,
                 "chunk_weights": None if omega is None else omega.tolist()}
-        save_quantized(quant_dir, exported, metadata=meta, overwrite=True)
+        save_quantized(quant_dir, exported, metadata=meta, overwrite=True)  # host arrays, no cross-process sync
         from qarvd_jax.workflow import write_json
 
         write_json(os.path.join(out_dir, "qat.json"), {**meta, "mesh": dict(mesh.shape), "resumed_from": latest,
                                                       "final_loss": rows[-1]["loss"] if rows else None})
+    if jax.process_count() > 1:  # the others wait until OUT/quantized is written
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("qarvd_qat_export_done")
     return QATResult(step=final, history=rows, resumed_from=latest, quantized=quant_dir,
                      state=state if return_state else None)

@@ -47,7 +47,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["MESH_AXES", "LOGICAL_AXES", "parse_mesh_spec", "make_mesh", "rules_table", "logical_axes",
-           "partition_spec", "tree_shardings", "batch_sharding", "replicated"]
+           "partition_spec", "tree_shardings", "batch_sharding", "replicated", "check_model_divisible"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "weight_in", "weight_out", "embed")
@@ -190,3 +190,18 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]], ndim: int) 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def check_model_divisible(model_config, mesh: Mesh) -> None:
+    """Attention heads and FFN width must split evenly over ``tensor`` (checked before any heavy work)."""
+    t = mesh.shape["tensor"]
+    if t == 1:
+        return
+    problems = []
+    for name, value in (("num_heads", model_config.num_heads), ("ffn_dim", model_config.ffn_dim),
+                        ("dim", model_config.dim)):
+        if value % t:
+            ok = [d for d in range(1, value + 1) if value % d == 0 and d <= mesh.size]
+            problems.append(f"{name}={value} is not divisible by tensor={t} (tensor sizes that divide it: {ok})")
+    if problems:
+        raise ValueError("mesh does not fit the model: " + "; ".join(problems))

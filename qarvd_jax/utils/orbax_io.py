@@ -31,7 +31,11 @@ def save_trees(dst: str | os.PathLike, trees: Mapping[str, Any], metadata: Mappi
         # run (which would wait forever for processes that do not call save_trees)
         me = jax.process_index()
         mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-        ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=mp)
+        handlers = {k: ocp.PyTreeCheckpointHandler(multiprocessing_options=mp) for k in trees}
+        handler = ocp.CompositeCheckpointHandler(
+            composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
+            metadata=ocp.JsonCheckpointHandler(multiprocessing_options=mp), **handlers)
+        ckpt = ocp.Checkpointer(handler, multiprocessing_options=mp)
         args = {k: ocp.args.PyTreeSave(v) for k, v in trees.items()}
         ckpt.save(tmp, args=ocp.args.Composite(metadata=ocp.args.JsonSave(dict(metadata)), **args))
         ckpt.close()
