@@ -4,6 +4,10 @@
   unpickler) and ``.safetensors``; tensors are lazy views where the format allows it.
 * :func:`write_state_dict` writes ``.safetensors`` (always) or ``.pt`` (only if torch is importable),
   atomically: the data goes to a temporary file in the destination folder, renamed at the end.
+* :func:`atomic_output` / :func:`check_destination`: every output of the project goes through them; they
+  never replace a folder with a file, a destination that is or holds an input, or a folder that is not
+  an artifact of the same kind, and clean up temporaries of interrupted runs.
+* :class:`FiniteCheck`: NaN/inf tensors reported by name and count, refused unless allowed.
 """
 
 from __future__ import annotations

@@ -441,3 +441,19 @@ def test_debug_shows_the_traceback(tmp_path):
                           str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert res.returncode == 1 and "Traceback" in res.stderr and "FileNotFoundError" in res.stderr
     time.sleep(0)
+
+
+def test_orbax_outputs_replace_only_orbax_checkpoints(tmp_path):
+    """What `quantize` (OUT/quantized), `convert` and `export` write through: never over a user folder."""
+    from qarvd_jax.utils.orbax_io import save_trees
+
+    user = tmp_path / "quantized"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not an Orbax checkpoint"):
+        save_trees(user, {"params": {"a": np.ones(2)}}, {"format": "t"}, overwrite=True)
+    assert _tree(user) == {"notes.txt": b"mine"}
+    ckpt = tmp_path / "ckpt"
+    save_trees(ckpt, {"params": {"a": np.ones(2)}}, {"format": "t"})
+    save_trees(ckpt, {"params": {"a": np.zeros(2)}}, {"format": "t2"}, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "quantized"]
