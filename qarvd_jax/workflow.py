@@ -99,6 +99,9 @@ def run_sensitivity(stack: Stack, cfg: QARVDConfig, prompts, *, num_prompts: int
         raise ValueError("sensitivity needs at least 2 prompts (one to calibrate, the rest to measure)")
     pipe, layers = _calibrated_rtn_pipeline(stack, cfg, [prompts[0]], seed)
     sweep = list(prompts[1:1 + num_prompts]) if len(prompts) > 1 else list(prompts[:1])
+    if len(sweep) < num_prompts:
+        log.warning("sensitivity: %d prompts requested but only %d available after the calibration prompt "
+                    "(the original measures 100 of MovieGenVideoBench_extended.txt)", num_prompts, len(sweep))
     result = chunk_sensitivity(pipe, stack.embeds(sweep), _seeds(seed + 1000, len(sweep)), stack.latent_shape)
     result.update(prompts=sweep, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
                   dual_scale_layers=sorted(n for n, c in layers.items() if c.n_outlier))

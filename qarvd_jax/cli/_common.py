@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qarvd_jax.cli._types import positive_int
+
 
 def add_model_args(p) -> None:
     g = p.add_argument_group("models (omit all for the built-in tiny model)")
@@ -11,11 +13,13 @@ def add_model_args(p) -> None:
     g.add_argument("--tokenizer", help="tokenizer.json of google/umt5-xxl")
     g.add_argument("--vae", help="Wan2.1_VAE.pth")
     g.add_argument("--dtype", choices=["float32", "bfloat16"])
-    g.add_argument("--num-frames", type=int, help="latent frames (default 21; tiny 6)")
-    g.add_argument("--height", type=int, help="pixels (default 480; tiny 64)")
-    g.add_argument("--width", type=int, help="pixels (default 832; tiny 64)")
+    g.add_argument("--num-frames", type=positive_int, help="latent frames (default 21; tiny 6)")
+    g.add_argument("--height", type=positive_int, help="pixels (default 480; tiny 64)")
+    g.add_argument("--width", type=positive_int, help="pixels (default 832; tiny 64)")
     g.add_argument("--embed-cache", help="prompt-embedding cache folder")
-    p.add_argument("--prompts", help="prompt file, one per line (default: built-in demo prompts)")
+    p.add_argument("--prompts", help="prompt file, one per line; required with --checkpoint (the original "
+                   "calibrates on MovieGenVideoBench_extended.txt, see the README); default for the built-in "
+                   "tiny model: 8 demo prompts")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -33,10 +37,36 @@ def generate_config(args):
 
 
 def prompts(args) -> list[str]:
+    """``--prompts`` file, or the demo prompts for the built-in model. With a real ``--checkpoint`` a prompt
+    file is required: calibrating a real model on 8 demo prompts would silently change the method."""
     from qarvd_jax.pipeline.text_to_video import read_prompts
     from qarvd_jax.workflow import DEMO_PROMPTS
 
-    return read_prompts(args.prompts) if args.prompts else list(DEMO_PROMPTS)
+    if args.prompts:
+        return read_prompts(args.prompts)
+    require_prompts_with_checkpoint(args)
+    return list(DEMO_PROMPTS)
+
+
+def require_prompts_with_checkpoint(args) -> None:
+    if getattr(args, "checkpoint", None) and not getattr(args, "prompts", None) and not getattr(args, "tfds", None):
+        raise ValueError(f"qarvd {args.command} with --checkpoint needs --prompts FILE (calibration prompts; the "
+                         "original uses MovieGenVideoBench_extended.txt from the Self-Forcing repository, see the "
+                         "README); the built-in demo prompts are only for the built-in tiny model")
+
+
+def add_sensitivity_args(p) -> None:
+    p.add_argument("--sensitivity", help="sensitivity.json from step 1 (chunk weights); omit for uniform weights")
+    p.add_argument("--sensitivity-values", metavar="S0,S1,...", help="the chunk sensitivities inline, e.g. a "
+                   "published vector 0.546,0.167,0.119,0.079,0.053,0.026,0.010 (one per chunk; any positive "
+                   "scale); instead of --sensitivity")
+
+
+def sensitivity(args, num_chunks: int | None = None):
+    """The checked sensitivity vector of ``--sensitivity`` / ``--sensitivity-values`` (None: uniform)."""
+    from qarvd_jax.quant.sensitivity import load_sensitivity
+
+    return load_sensitivity(args.sensitivity, args.sensitivity_values, num_chunks)
 
 
 def qarvd_config(args):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qarvd_jax.cli._types import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate videos from prompts (built-in tiny model without checkpoints)",
@@ -21,9 +23,9 @@ def register(sub) -> None:
                    help="with --quantized: fake-quant float math (default), or the integer kernels via XLA or "
                    "Pallas (TPU / Hopper GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i")
-    p.add_argument("--num-frames", type=int, help="latent frames (21 -> 81 video frames; tiny default 6)")
-    p.add_argument("--height", type=int, help="pixels (default 480, tiny 64)")
-    p.add_argument("--width", type=int, help="pixels (default 832, tiny 64)")
+    p.add_argument("--num-frames", type=positive_int, help="latent frames (21 -> 81 video frames; tiny default 6)")
+    p.add_argument("--height", type=positive_int, help="pixels (default 480, tiny 64)")
+    p.add_argument("--width", type=positive_int, help="pixels (default 832, tiny 64)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default bfloat16 (tiny: float32)")
     p.add_argument("--embed-cache", help="prompt-embedding cache folder (default OUT/prompt_embeds_cache)")
     p.add_argument("--skip-existing", action="store_true", help="keep videos already in OUT whose recorded "

@@ -7,9 +7,7 @@
 
 from __future__ import annotations
 
-import json
-
-from qarvd_jax.cli._common import add_model_args, add_qarvd_config_args
+from qarvd_jax.cli._common import add_model_args, add_qarvd_config_args, add_sensitivity_args
 from qarvd_jax.cli._types import positive_int
 
 
@@ -29,7 +27,7 @@ def register(sub) -> None:
                    help="a post-training method of qarvd_jax.quant.methods (--config/KEY=VALUE: its Config "
                    "fields, configs/methods/NAME.yaml) or qat")
     p.add_argument("--out", required=True, help="run folder (the checkpoint goes to OUT/quantized)")
-    p.add_argument("--sensitivity", help="sensitivity.json from step 1 (chunk weights); omit for uniform weights")
+    add_sensitivity_args(p)
     p.add_argument("--calib-prompts", type=positive_int, help="calibration videos (Q-ARVD: 1, the first prompt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/quantized (qarvd; qat always "
                    "rewrites it at the end of a run)")
@@ -59,7 +57,7 @@ def run(args) -> int:
         return run_qat_command(args)
     import os
 
-    from qarvd_jax.cli._common import generate_config, prompts, qarvd_config
+    from qarvd_jax.cli._common import generate_config, prompts, qarvd_config, sensitivity
     from qarvd_jax.quant.methods import load_method_config
     from qarvd_jax.workflow import build_stack, run_quantize_method
 
@@ -67,13 +65,10 @@ def run(args) -> int:
                                                                                  args.overrides)
     if os.path.exists(os.path.join(args.out, "quantized")) and not args.overwrite:
         raise FileExistsError(f"{args.out}/quantized already exists (use --overwrite)")
-    sens = None
-    if args.sensitivity:
-        with open(args.sensitivity) as fh:
-            sens = json.load(fh)["sensitivity"]
+    sens = sensitivity(args)  # its length is checked against the video's chunks by the recipe
+    calib = prompts(args)[: args.calib_prompts or 1]
     stack = build_stack(generate_config(args), args.out)
-    ckpt = run_quantize_method(stack, args.method, cfg, prompts(args)[: args.calib_prompts or 1], seed=args.seed,
-                               out_dir=args.out, sensitivity=sens)
+    ckpt = run_quantize_method(stack, args.method, cfg, calib, seed=args.seed, out_dir=args.out, sensitivity=sens)
     print(f"quantized checkpoint -> {ckpt}\ngenerate with: qarvd generate --quantized {ckpt} --prompts FILE --out DIR")
     return 0
 
@@ -91,17 +86,16 @@ def qat_config(args):
 def run_qat_command(args) -> int:
     import os
 
-    from qarvd_jax.cli._common import generate_config
+    from qarvd_jax.cli._common import generate_config, require_prompts_with_checkpoint, sensitivity
     from qarvd_jax.train.data import PromptSource
     from qarvd_jax.train.qat import initialize_distributed, run_qat
     from qarvd_jax.train.sharding import make_mesh
     from qarvd_jax.workflow import DEMO_PROMPTS, build_stack
 
     cfg = qat_config(args)
-    if args.preset and not args.checkpoint and args.preset != "tiny":
-        raise ValueError(f"--preset {args.preset} needs --checkpoint (without one the built-in tiny model runs)")
-    if args.sensitivity and not os.path.isfile(args.sensitivity):
-        raise FileNotFoundError(f"sensitivity file not found: {args.sensitivity} (produce it with `qarvd sensitivity`)")
+    gen = generate_config(args)  # unknown --preset, bad sizes: errors before any work
+    sens = sensitivity(args)
+    require_prompts_with_checkpoint(args)
     if args.tfds and args.prompts:
         raise ValueError("give either --prompts or --tfds, not both")
     initialize_distributed(cfg.distributed, coordinator=args.coordinator, num_processes=args.num_processes,
@@ -114,14 +108,14 @@ def run_qat_command(args) -> int:
         source = PromptSource(prompts_file=args.prompts, max_prompts=cfg.max_prompts)
     else:
         source = PromptSource(prompts=DEMO_PROMPTS, max_prompts=cfg.max_prompts)
-    stack = build_stack(generate_config(args), args.out)
+    stack = build_stack(gen, args.out)
     profile = None
     if args.profile:
         a, _, b = args.profile_steps.partition(":")
         if not (a.isdigit() and b.isdigit() and int(a) < int(b)):
             raise ValueError(f"--profile-steps {args.profile_steps!r} must be START:STOP with START < STOP")
         profile = (args.profile, int(a), int(b))
-    res = run_qat(stack, cfg, source, out_dir=args.out, sensitivity=args.sensitivity, mesh=mesh, profile=profile)
+    res = run_qat(stack, cfg, source, out_dir=args.out, sensitivity=sens, mesh=mesh, profile=profile)
     import jax
 
     if jax.process_index() == 0:

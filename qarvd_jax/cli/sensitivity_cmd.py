@@ -24,8 +24,9 @@ def run(args) -> int:
     from qarvd_jax.workflow import build_stack, run_sensitivity
 
     cfg = qarvd_config(args)
+    prompt_list = prompts(args)
     stack = build_stack(generate_config(args), args.out)
-    result = run_sensitivity(stack, cfg, prompts(args), num_prompts=args.num_prompts, seed=args.seed,
+    result = run_sensitivity(stack, cfg, prompt_list, num_prompts=args.num_prompts, seed=args.seed,
                              out_dir=args.out)
     s = ", ".join(f"{v:.4f}" for v in result["sensitivity"])
     print(f"sensitivity per chunk: [{s}] -> {args.out}/sensitivity.json, {args.out}/sensitivity.png")

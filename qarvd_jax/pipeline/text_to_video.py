@@ -59,6 +59,14 @@ class GenerateConfig:
     skip_existing: bool = False
     sampler: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
 
+    def __post_init__(self):
+        from qarvd_jax.models.wan.config import check_preset
+
+        for flag, value in (("--num-frames", self.num_frames), ("--height", self.height), ("--width", self.width)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        check_preset(self.preset, bool(self.checkpoint))
+
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """One prompt per line; blank lines are skipped. Missing or empty file -> clear error."""
@@ -264,7 +272,7 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
     dtype = cfg.dtype
     if dit is None:
         if real:
-            base = PRESETS[cfg.preset or "selfforcing_1_3b"]()
+            base = PRESETS[cfg.preset or "selfforcing_1_3b"]()  # known: checked by GenerateConfig
             dit = load_model(cfg.checkpoint, base.replace(param_dtype=dtype, dtype=dtype))
         else:
             # random weights drawn in float32 and cast, so every --dtype runs the same tiny model

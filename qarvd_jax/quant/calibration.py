@@ -40,7 +40,7 @@ from qarvd_jax.quant.range_init import histogram_percentile_mse_init, percentile
 from qarvd_jax.quant.recipe import LayerQuantConfig, QARVDConfig, match_rule
 
 __all__ = ["CalibrationData", "detect_model_outliers", "prepare_quantized_model", "init_weight_quantizers",
-           "collect_inputs", "calibrate_activations", "calibrate_rtn", "reconstruct_layers", "run_qarvd_ptq"]
+           "collect_inputs", "calibrate_activations", "calibrate_rtn", "reconstruct_layers", "run_qarvd_ptq", "pass_seeds"]
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,13 @@ class CalibrationData:
     chunks: dict[str, list[int]] = field(default_factory=dict)
     max_tokens: int | None = None  # keep a random subset of this many tokens per sample (memory bound)
     seed: int = 0
+    full_tokens: dict[str, int] = field(default_factory=dict)  # tokens per sample before subsampling
 
     def add(self, name: str, x: np.ndarray, chunk: int) -> None:
         """x [..., T, C] with leading batch/pass axes; each leading index becomes one sample."""
         x = np.asarray(x)
         flat = x.reshape(-1, *x.shape[-2:])
+        self.full_tokens[name] = flat.shape[1]
         if self.max_tokens is not None and flat.shape[1] > self.max_tokens:
             rng = np.random.default_rng([self.seed, len(self.samples.get(name, ())), zlib.crc32(name.encode())])
             rows = np.sort(rng.choice(flat.shape[1], self.max_tokens, replace=False))
@@ -200,9 +202,13 @@ def calibrate_activations(model: nnx.Module, data: CalibrationData, cfg: QARVDCo
 
 
 @partial(jax.jit, static_argnames=("layer_cfg", "qcfg", "precision"))
-def _reconstruct(kernel, bias, state, x, y, weights, key, *, layer_cfg: LayerQuantConfig, qcfg: QARVDConfig,
-                 precision=None):
-    """AdaRound + activation-step learning of one layer. x [N, T, in], y [N, T, out] (FP outputs)."""
+def _reconstruct(kernel, bias, state, x, y, weights, key, token_scale, *, layer_cfg: LayerQuantConfig,
+                 qcfg: QARVDConfig, precision=None):
+    """AdaRound + activation-step learning of one layer. x [N, T', in], y [N, T', out] (FP outputs).
+
+    ``token_scale = T / T'`` rescales the token-summed reconstruction loss of T' subsampled tokens to the
+    scale of all T tokens, so ``calib_tokens`` bounds memory without changing the balance between the
+    reconstruction loss and the rounding regulariser (reg_weight)."""
     ada = qcfg.adaround()
     w = jnp.asarray(kernel, jnp.float32).T
     groups = ([w] if not layer_cfg.n_outlier else
@@ -220,7 +226,7 @@ def _reconstruct(kernel, bias, state, x, y, weights, key, *, layer_cfg: LayerQua
     def loss_fn(p, xb, yb, wb, t):
         yhat = qlinear_apply(xb, kernel, bias, dict(st, a_scale=p["a_scale"]), layer_cfg, v=p["v"], adaround=ada,
                              precision=precision)
-        rec = reconstruction_loss(yhat.astype(jnp.float32), yb, wb)
+        rec = reconstruction_loss(yhat.astype(jnp.float32), yb, wb) * token_scale
         return rec + rounding_loss(p["v"], t, ada), rec
 
     def step(carry, t):
@@ -273,9 +279,10 @@ def reconstruct_layers(model: nnx.Module, data: CalibrationData, cfg: QARVDConfi
             y = y + bias.astype(jnp.float32)
         w = _sample_weights(name, layer.cfg, data.chunks[name], omega)
         weights = jnp.ones((x.shape[0],), jnp.float32) if w is None else jnp.asarray(w)
+        token_scale = jnp.float32(data.full_tokens.get(name, x.shape[1]) / x.shape[1])
         merged, a_scale, losses = _reconstruct(kernel, bias, layer.state_dict(), x, y, weights,
                                                jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF),
-                                               layer_cfg=_shape_key(layer.cfg), qcfg=cfg, precision=layer.precision)
+                                               token_scale, layer_cfg=_shape_key(layer.cfg), qcfg=cfg, precision=layer.precision)
         if deferred is None:
             layer.kernel[...] = merged
         else:
@@ -385,6 +392,20 @@ def calibrate_rtn(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds,
     return groups
 
 
+PASS_SEED_STRIDE = 1_000_003  # > any prompt count: the passes' seeds never collide
+
+
+def pass_seeds(seeds, pass_index: int) -> list[int]:
+    """The noise seeds of calibration pass ``pass_index`` over prompts whose base seeds are ``seeds``.
+
+    The original draws a fresh noise (initial latents and re-noising) for each of its passes over the
+    calibration prompt: 0 = the sensitivity step's calibration (``seeds`` as given), 1 = PTQ pass B (W on,
+    A off), 2 = PTQ pass C (full precision). The layer groups of one pass all reuse that pass's seeds, so
+    grouping stays exact.
+    """
+    return [int(s) + pass_index * PASS_SEED_STRIDE for s in seeds]
+
+
 def run_qarvd_ptq(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds, latent_shape, cfg: QARVDConfig,
                   sensitivity=None, outliers: dict[str, np.ndarray] | None = None) -> dict:
     """The whole Q-ARVD post-training recipe on a full-precision model, in place.
@@ -393,17 +414,19 @@ def run_qarvd_ptq(model: nnx.Module, pipeline, prompt_embeds: np.ndarray, seeds,
     are the calibration videos (Q-ARVD: one prompt) of latents ``latent_shape`` (F, C, h, w). ``sensitivity``
     (one value per chunk) gives the chunk weights omega = s / mean(s). Returns a summary dict.
     """
-    from qarvd_jax.quant.objective import chunk_weights
+    from qarvd_jax.quant.objective import chunk_weights, validate_sensitivity
 
+    if sensitivity is not None:
+        sensitivity = validate_sensitivity(sensitivity, latent_shape[0] // model.config.num_frame_per_block)
     omega = None if sensitivity is None or not cfg.chunk_weighting else np.asarray(chunk_weights(sensitivity))
     layer_cfgs = prepare_quantized_model(model, cfg, outliers)
-    groups = calibrate_rtn(model, pipeline, prompt_embeds, seeds, latent_shape, cfg, omega)
+    groups = calibrate_rtn(model, pipeline, prompt_embeds, pass_seeds(seeds, 1), latent_shape, cfg, omega)
     recon: dict = {}
     if cfg.reconstruct:
         set_quant_flags(model, weights=False, acts=False)  # pass C: full precision
         merged: dict = {}  # merged weights are written after every group has seen the FP model
         for gi, group in enumerate(groups):
-            fp = collect_inputs(pipeline, model, prompt_embeds, seeds, latent_shape, names=group,
+            fp = collect_inputs(pipeline, model, prompt_embeds, pass_seeds(seeds, 2), latent_shape, names=group,
                                 max_tokens=_pipeline_plan(model, pipeline, prompt_embeds, latent_shape, cfg).max_tokens,
                                 desc=f"pass C (FP) {gi + 1}/{len(groups)}")
             recon.update(reconstruct_layers(model, fp, cfg, omega, names=group, deferred=merged))

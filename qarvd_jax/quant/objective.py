@@ -10,7 +10,36 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sensitivity_from_errors", "chunk_weights", "chunk_sample_weights", "reconstruction_loss"]
+__all__ = ["sensitivity_from_errors", "chunk_weights", "chunk_sample_weights", "reconstruction_loss",
+           "validate_sensitivity"]
+
+
+def validate_sensitivity(values, num_chunks: int | None = None, source: str = "sensitivity") -> list[float]:
+    """A checked chunk-sensitivity vector as Python floats.
+
+    Refuses (ValueError naming ``source``) anything that is not a non-empty 1-D list of finite numbers
+    >= 0 with a positive sum, and, when ``num_chunks`` is given, a length other than the video's number of
+    chunks. Any positive scale is accepted (only the ratios matter: ω = s / mean(s)).
+    """
+    import math
+
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise ValueError(f"{source}: expected a list of per-chunk numbers, got {type(values).__name__}")
+    try:
+        vals = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: every entry must be a number, got {list(values)!r}") from None
+    if not vals:
+        raise ValueError(f"{source}: the sensitivity vector is empty")
+    bad = [v for v in vals if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(f"{source}: sensitivities must be finite and >= 0, got {bad} in {vals}")
+    if sum(vals) <= 0:
+        raise ValueError(f"{source}: the sensitivities sum to 0; at least one chunk must have a positive value")
+    if num_chunks is not None and len(vals) != num_chunks:
+        raise ValueError(f"{source}: {len(vals)} chunk sensitivities but the video has {num_chunks} chunks "
+                         "(same --num-frames as the sensitivity run?)")
+    return vals
 
 
 def _vector(name: str, v) -> jax.Array:

@@ -108,7 +108,9 @@ class QARVDConfig:
     beta_end: float = 2.0
     recon_seed: int = 0
     # memory bounds for the real model: calibrate/reconstruct this many layers per collection pass
-    # (None: all at once) and keep at most this many tokens of every recorded input (None: all)
+    # (None: all at once) and keep at most this many tokens of every recorded input (None: all). The
+    # reconstruction loss of T' kept tokens (summed over tokens) is multiplied by T/T', so subsampling keeps
+    # the loss scale, and the balance with the rounding regulariser reg_weight, of all T tokens.
     calib_layer_group: int | None = None
     calib_tokens: int | None = None
     # host-memory budget (GiB) of the recorded calibration inputs when calib_layer_group is unset: layers

@@ -7,8 +7,10 @@ noise. ``e_k`` is the MSE of the whole final latent video against the full-preci
 prompts; ``s = e / sum(e)``.
 
 Quantization is switched per chunk by swapping the state's flag leaves, so one compiled chunk
-function serves the reference run and all k. Cross-attention K/V (computed once per video) stay in
-full precision for every k (the original inherits chunk 0's quantized K/V, an incidental bias).
+function serves the reference run and all k. As in the original, the text embedding and the
+cross-attention K/V projections run once per video, at chunk 0: when chunk 0 is the quantized one they
+are quantized too and stay so for the whole video (their error adds to ``e_0``); for k > 0 they are full
+precision.
 """
 
 from __future__ import annotations
@@ -23,7 +25,37 @@ from tqdm.auto import tqdm
 
 from qarvd_jax.quant.qlinear import with_quant_flags
 
-__all__ = ["chunk_sensitivity", "write_sensitivity", "plot_sensitivity"]
+__all__ = ["chunk_sensitivity", "write_sensitivity", "plot_sensitivity", "load_sensitivity"]
+
+
+def load_sensitivity(path: str | None = None, values: str | None = None, num_chunks: int | None = None):
+    """The sensitivity vector from a ``sensitivity.json`` (its ``"sensitivity"`` list) or from a
+    comma-separated string such as ``"0.546,0.167,0.119"`` (e.g. a published vector); checked by
+    :func:`~qarvd_jax.quant.objective.validate_sensitivity`. Neither given: ``None`` (uniform weights).
+    """
+    from qarvd_jax.quant.objective import validate_sensitivity
+
+    if path and values:
+        raise ValueError("give either --sensitivity FILE or --sensitivity-values, not both")
+    if values is not None:
+        try:
+            parsed = [float(v) for v in str(values).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--sensitivity-values {values!r}: expected comma-separated numbers, "
+                             "e.g. 0.546,0.167,0.119") from None
+        return validate_sensitivity(parsed, num_chunks, "--sensitivity-values")
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"sensitivity file not found: {path} (produce it with `qarvd sensitivity`)")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(data, dict) or "sensitivity" not in data:
+        raise ValueError(f"{path}: no 'sensitivity' entry (not a `qarvd sensitivity` output)")
+    return validate_sensitivity(data["sensitivity"], num_chunks, path)
 
 
 def chunk_sensitivity(pipeline, prompt_embeds: np.ndarray, seeds, latent_shape) -> dict:
@@ -48,7 +80,7 @@ def chunk_sensitivity(pipeline, prompt_embeds: np.ndarray, seeds, latent_shape) 
         noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1 << 20), (1, *latent_shape), dtype)
         ref = pipeline.generate(noise, emb, seed=seed, params_for_chunk=lambda c: fp_state, cross_params=fp_state)
         for k in range(num_chunks):
-            out = pipeline.generate(noise, emb, seed=seed, cross_params=fp_state,
+            out = pipeline.generate(noise, emb, seed=seed, cross_params=q_state if k == 0 else fp_state,
                                     params_for_chunk=lambda c, k=k: q_state if c == k else fp_state)
             sq_err[k] += float(jnp.sum(jnp.square(out.astype(jnp.float32) - ref.astype(jnp.float32))))
         count += int(np.prod(ref.shape))

@@ -89,22 +89,18 @@ def validate_mesh(cfg: QATConfig, mesh: Mesh, model_config) -> None:
     shd.check_model_divisible(model_config, mesh)
 
 
-def load_chunk_weights(path: str | None, num_chunks: int) -> tuple[np.ndarray | None, list | None]:
-    """omega [K] (mean 1) from a ``sensitivity.json`` (None: uniform). Returns (omega, sensitivity)."""
-    from qarvd_jax.quant.objective import chunk_weights
+def load_chunk_weights(sensitivity, num_chunks: int) -> tuple[np.ndarray | None, list | None]:
+    """omega [K] (mean 1) from a ``sensitivity.json`` path or a sensitivity list (None: uniform), checked
+    (finite, >= 0, positive sum, one value per chunk). Returns (omega, sensitivity)."""
+    from qarvd_jax.quant.objective import chunk_weights, validate_sensitivity
+    from qarvd_jax.quant.sensitivity import load_sensitivity
 
-    if not path:
+    if sensitivity is None or (isinstance(sensitivity, str) and not sensitivity):
         return None, None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"sensitivity file not found: {path} (produce it with `qarvd sensitivity`)")
-    with open(path) as fh:
-        data = json.load(fh)
-    if "sensitivity" not in data:
-        raise ValueError(f"{path}: no 'sensitivity' entry (not a `qarvd sensitivity` output)")
-    sens = [float(s) for s in data["sensitivity"]]
-    if len(sens) != num_chunks:
-        raise ValueError(f"{path}: {len(sens)} chunk sensitivities but the video has {num_chunks} chunks "
-                         f"(same --num-frames as the sensitivity run?)")
+    if isinstance(sensitivity, (str, os.PathLike)):
+        sens = load_sensitivity(os.fspath(sensitivity), num_chunks=num_chunks)
+    else:
+        sens = validate_sensitivity(sensitivity, num_chunks, "sensitivity")
     return np.asarray(chunk_weights(sens), np.float32), sens
 
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["WanDiTConfig", "PRESETS"]
+__all__ = ["WanDiTConfig", "PRESETS", "BUILTIN_WEIGHT_PRESETS", "check_preset"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -157,3 +157,18 @@ PRESETS = {
     "1.3b": WanDiTConfig.selfforcing_1_3b,
     "tiny": WanDiTConfig.tiny,
 }
+# Presets whose weights ship with the package (they run without --checkpoint); the others need one.
+BUILTIN_WEIGHT_PRESETS = ("tiny",)
+
+
+def check_preset(preset: str | None, has_checkpoint: bool) -> None:
+    """A clear error for an unknown ``--preset`` (listing the known ones) and for a preset without built-in
+    weights given without ``--checkpoint``; ``None`` is the default (built-in tiny, or 1.3B with a checkpoint)."""
+    if preset is None:
+        return
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --preset {preset!r}; known presets: {', '.join(sorted(PRESETS))} (with built-in "
+                         f"weights: {', '.join(BUILTIN_WEIGHT_PRESETS)})")
+    if not has_checkpoint and preset not in BUILTIN_WEIGHT_PRESETS:
+        raise ValueError(f"--preset {preset} has no built-in weights: pass its --checkpoint (presets that run "
+                         f"without one: {', '.join(BUILTIN_WEIGHT_PRESETS)})")

@@ -92,7 +92,7 @@ def quantize_layer(kernel, bias, calib_inputs, config: QARVDConfig, *, steps=Non
             y = y + bias
         key = jax.random.fold_in(jax.random.key(config.recon_seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
         merged, a_scale, _ = _reconstruct(kernel, bias, state, xs, y, jnp.ones((xs.shape[0],)), key,
-                                          layer_cfg=_shape_key(cfg), qcfg=config)
+                                          jnp.float32(1.0), layer_cfg=_shape_key(cfg), qcfg=config)
         kernel = merged
         state["a_scale"] = a_scale
     return QuantizedLayer(NAME, kernel, bias, state, cfg)
