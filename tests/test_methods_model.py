@@ -134,3 +134,18 @@ def test_vidit_q_gets_the_step_explicitly_and_compiles_once(stack):
     leaves = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(st)[0]}
     assert all(int(v) == 3 for k, v in leaves.items() if "step_index" in k)
     assert all(int(v) == 7 for k, v in leaves.items() if "chunk_index" in k)
+
+
+def test_layer_groups_bound_memory_without_changing_the_result(stack):
+    """Recording 8 layers per generation pass (from an FP copy) gives the layers of one pass."""
+    cfg = methods.get("rtn").Config(w_bits=8, a_bits=8)
+    out = []
+    for group in (None, 8):
+        model = nnx.clone(stack.dit)
+        cal = methods.Calibration(stack.embeds(["a fox"]), [0], stack.latent_shape, stack.t2v.pipeline.config,
+                                  layer_group=group, max_tokens=64)
+        methods.get("rtn").quantize_model(model, cal, cfg)
+        out.append({n: np.asarray(lyr.a_scale[...]) for n, lyr in iter_quant_layers(model)})
+    assert out[0].keys() == out[1].keys() and len(out[0]) == 20
+    for n in out[0]:
+        np.testing.assert_allclose(out[0][n], out[1][n], rtol=1e-6)

@@ -39,7 +39,9 @@ class Calibration:
     """Calibration videos: prompt embeddings [n, L, text_dim], one seed per video, latents
     ``latent_shape`` (F, C, h, w), the sampler (None: Self-Forcing defaults), the chunk sensitivity
     (Q-ARVD chunk weights; others ignore it), and the per-layer row budget: at most
-    ``tokens_per_call`` rows of every recorded call and ``max_tokens`` rows in all (random, seeded)."""
+    ``tokens_per_call`` rows of every recorded call and ``max_tokens`` rows in all (random, seeded; while
+    recording a layer never holds more than 2 x ``max_tokens`` rows). ``layer_group``: record and quantize
+    this many layers per generation pass (None: all at once), bounding host memory on the real model."""
 
     prompt_embeds: np.ndarray
     seeds: Sequence[int]
@@ -49,6 +51,7 @@ class Calibration:
     tokens_per_call: int | None = 256
     max_tokens: int | None = 4096
     seed: int = 0
+    layer_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,10 @@ class _Rows:
             x = x[np.sort(rng.choice(x.shape[0], k, replace=False))]
         self.x.setdefault(name, []).append(x)
         self.steps.setdefault(name, []).append(np.full((x.shape[0],), step, np.int32))
+        m = self.cal.max_tokens
+        if m is not None and sum(len(v) for v in self.x[name]) > 2 * m:
+            xs, ss = self.get(name)
+            self.x[name], self.steps[name] = [xs], [ss]
 
     def get(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         x, s = np.concatenate(self.x[name]), np.concatenate(self.steps[name])
@@ -207,22 +214,32 @@ def quantize_model_with_rules(model, calibration: Calibration | Mapping[str, Any
     if not plan:
         raise ValueError(f"no linear layer matches the rules {[r.pattern for r in rules]}")
     needs = [n for n, (_, _, m, cfg) in plan.items() if methods.get(m).needs_calibration(cfg)]
-    inputs: dict = {}
-    if needs:
-        if calibration is None:
-            raise ValueError(f"{method_name}: these layers need calibration data: {needs[:5]}")
-        if isinstance(calibration, Mapping):
+    if needs and calibration is None:
+        raise ValueError(f"{method_name}: these layers need calibration data: {needs[:5]}")
+    given = isinstance(calibration, Mapping)
+    names = list(plan)
+    size = (None if given or calibration is None else calibration.layer_group) or len(names)
+    fp = model if size >= len(names) or given else nnx.clone(model)  # every group records the FP model
+    summary = {}
+    bar = tqdm(total=len(names), desc=f"quantize ({method_name})", leave=False)
+    for i in range(0, len(names), size):
+        group = names[i:i + size]
+        want = [n for n in group if n in needs]
+        if given:
             inputs = {n: (v if isinstance(v, tuple) else (v, None)) for n, v in calibration.items()}
         else:
-            inputs = collect_layer_inputs(model, needs, calibration)
-    summary = {}
-    for name, (path, lin, mname, cfg) in tqdm(list(plan.items()), desc=f"quantize ({method_name})", leave=False):
-        x, steps = inputs.get(name, (None, None))
-        bias = lin.bias[...] if lin.bias is not None else None
-        layer = methods.get(mname).quantize_layer(lin.kernel[...], bias, x, cfg, steps=steps)
-        install_layer(model, path, lin, layer, name)
-        summary[name] = {"method": mname, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-                         "config": dataclasses.asdict(cfg)}
+            inputs = collect_layer_inputs(fp, want, calibration) if want else {}
+        for name in group:
+            path, lin, mname, cfg = plan[name]
+            x, steps = inputs.get(name, (None, None))
+            bias = lin.bias[...] if lin.bias is not None else None
+            layer = methods.get(mname).quantize_layer(lin.kernel[...], bias, x, cfg, steps=steps)
+            install_layer(model, path, lin, layer, name)
+            summary[name] = {"method": mname, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+                             "config": dataclasses.asdict(cfg)}
+            bar.update(1)
+        del inputs
+    bar.close()
     return {"method": method_name, "config": dataclasses.asdict(config), "layers": summary}
 
 
