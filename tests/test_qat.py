@@ -345,3 +345,35 @@ def test_qat_decreases_loss_and_resume_is_exact(stack, cfg, sensitivity, tmp_pat
     assert "sensitivity file not found" in capsys.readouterr().err
     assert cli(base + ["batch_size=16", "--steps", "6"]) == 2  # incompatible with the checkpoint
     assert "batch_size=8" in capsys.readouterr().err
+
+
+def test_sigterm_saves_and_resumes_and_profile_trace(stack, cfg, sensitivity, tmp_path, monkeypatch):
+    """A SIGTERM during step 3 saves checkpoint 3 and returns without the export; the rerun resumes at 3.
+    The loss of a step is logged one step late (after the next step was launched) and --profile writes
+    a trace of the chosen steps."""
+    import os
+    import signal
+
+    real_step = qat_mod.QATTrainer.step
+    calls = []
+
+    def step(self, state, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # preemption notice while step 3 runs
+        return real_step(self, state, batch)
+
+    monkeypatch.setattr(qat_mod.QATTrainer, "step", step)
+    out = tmp_path / "pre"
+    res = qat_mod.run_qat(stack, cfg.replace(steps=6), DEMO_PROMPTS, out_dir=str(out), sensitivity=sensitivity,
+                          mesh=make_mesh(MESH), jit_cache=JIT_CACHE, profile=(str(tmp_path / "trace"), 1, 2))
+    assert res.step == 3 and res.quantized is None and not (out / "quantized").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    assert [r["step"] for r in res.history] == [1, 2, 3]
+    assert any(f.endswith(".xplane.pb") for _, _, files in os.walk(tmp_path / "trace") for f in files)
+    monkeypatch.setattr(qat_mod.QATTrainer, "step", real_step)
+    again = qat_mod.run_qat(stack, cfg.replace(steps=4), DEMO_PROMPTS, out_dir=str(out), sensitivity=sensitivity,
+                            mesh=make_mesh(MESH), jit_cache=JIT_CACHE)
+    assert again.resumed_from == 3 and again.step == 4 and (out / "quantized").is_dir()
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or callable(
+        signal.getsignal(signal.SIGTERM))

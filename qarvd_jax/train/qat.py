@@ -387,7 +387,9 @@ def _check_resume(meta: dict, cfg: QATConfig, directory: str, omega=None) -> Non
                          f"another --out")
     if "chunk_weights" in meta:
         new = None if omega is None else [float(v) for v in np.asarray(omega, np.float32)]
-        if meta["chunk_weights"] != new:
+        old_w = meta["chunk_weights"]
+        if (old_w is None) != (new is None) or (new is not None and (
+                len(old_w) != len(new) or not np.allclose(old_w, new, rtol=1e-6, atol=0))):
             raise ValueError(f"{directory}: the checkpoint was trained with chunk weights {meta['chunk_weights']} "
                              f"(--sensitivity), this run has {new}; pass the original --sensitivity or use another --out")
     old = meta.get("config", {})
@@ -428,6 +430,9 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
         source = PromptSource(prompts=tuple(source), max_prompts=cfg.max_prompts)
     mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
     validate_mesh(cfg, mesh, stack.dit.config)  # before calibration and any other heavy work
+    if "://" in os.fspath(out_dir):  # never let gs://b/x become a local folder ./gs:/b/x
+        raise ValueError(f"--out {out_dir}: URL outputs are not supported yet; use a path every host sees "
+                         f"(a shared file system or a bucket mount such as gcsfuse)")
     main = jax.process_index() == 0
     latent_shape = stack.latent_shape
     sampler = stack.t2v.pipeline.config

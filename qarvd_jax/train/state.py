@@ -122,6 +122,8 @@ class QATCheckpointer:
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
+        if "://" in os.fspath(directory):
+            raise ValueError(f"{directory}: URL checkpoint folders are not supported yet (use a mounted path)")
         self.directory = os.path.abspath(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
