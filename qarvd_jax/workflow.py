@@ -140,8 +140,10 @@ def quantize_copy(stack: Stack, method: str, cfg, calib_prompts, *, seed: int, s
     from qarvd_jax.quant import methods
 
     model = nnx.clone(stack.dit)
-    cal = methods.Calibration(stack.embeds(calib_prompts), _seeds(seed, len(calib_prompts)), stack.latent_shape,
-                              sampler=stack.t2v.pipeline.config, sensitivity=sensitivity, seed=seed)
+    cal = None  # no calibration prompts: a data-free method (dvd-quant) encodes and runs nothing
+    if calib_prompts:
+        cal = methods.Calibration(stack.embeds(calib_prompts), _seeds(seed, len(calib_prompts)), stack.latent_shape,
+                                  sampler=stack.t2v.pipeline.config, sensitivity=sensitivity, seed=seed)
     summary = methods.get(method).quantize_model(model, cal, cfg, rules)
     return model, summary
 

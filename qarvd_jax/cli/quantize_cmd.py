@@ -66,7 +66,10 @@ def run(args) -> int:
     if os.path.exists(os.path.join(args.out, "quantized")) and not args.overwrite:
         raise FileExistsError(f"{args.out}/quantized already exists (use --overwrite)")
     sens = sensitivity(args)  # its length is checked against the video's chunks by the recipe
-    calib = prompts(args)[: args.calib_prompts or 1]
+    from qarvd_jax.quant.methods import get
+
+    data_free = args.method != "qarvd" and not get(args.method).needs_calibration(cfg)  # e.g. dvd-quant
+    calib = [] if data_free else prompts(args)[: args.calib_prompts or 1]  # data-free: no prompts read
     stack = build_stack(generate_config(args), args.out)
     ckpt = run_quantize_method(stack, args.method, cfg, calib, seed=args.seed, out_dir=args.out, sensitivity=sens)
     print(f"quantized checkpoint -> {ckpt}\ngenerate with: qarvd generate --quantized {ckpt} --prompts FILE --out DIR")

@@ -32,10 +32,11 @@ from qarvd_jax.pipeline import scheduler as sch
 __all__ = ["InferenceConfig", "ChunkRecord", "CausalInferencePipeline", "with_step_context"]
 
 
-def with_step_context(params, step, chunk):
+def with_step_context(params, step, chunk, act_high=None):
     """``params`` with every ``step_index`` / ``chunk_index`` leaf (the StepContext of per-timestep
     quantized layers, :mod:`qarvd_jax.quant.methods`) set to the traced pass and chunk index: the step
-    context is passed explicitly into every model call, never counted. Same structure, no recompile."""
+    context is passed explicitly into every model call, never counted. Same structure, no recompile.
+    ``act_high`` (traced bool, δ-GBS of ``dvd-quant``) likewise fills every ``q_act_high`` leaf."""
 
     def one(path, x):
         names = [getattr(k, "key", None) for k in path]
@@ -43,6 +44,8 @@ def with_step_context(params, step, chunk):
             return jnp.full_like(x, step)
         if "chunk_index" in names:
             return jnp.full_like(x, chunk)
+        if act_high is not None and "q_act_high" in names:
+            return jnp.full_like(x, act_high)
         return x
 
     return jax.tree_util.tree_map_with_path(one, params)
@@ -101,7 +104,9 @@ class CausalInferencePipeline:
         self._tables = self.config.tables()
         self._timesteps = jnp.asarray(self.config.timesteps())
         self.trace_count = 0  # number of times the chunk function was traced (compile-once check)
-        self._chunk_fn = jax.jit(self._chunk_impl, static_argnums=0, donate_argnames=("cache",))
+        self.bit_switch = _bit_switch_of(model)  # δ-GBS controller of dvd-quant layers, else None
+        self._chunk_fn = jax.jit(self._chunk_impl, static_argnums=0, static_argnames=("bit_switch",),
+                                 donate_argnames=("cache",))
         self._cross_fn = jax.jit(self._cross_impl, static_argnums=0)
         self.last_cross_intermediates: dict = {}
 
@@ -112,10 +117,13 @@ class CausalInferencePipeline:
         return cross, nnx.to_pure_dict(inter)
 
     def _chunk_impl(self, graphdef, params, noise, renoise, cross: CrossKV, cache: KVCache, current_start,
-                    chunk_index=0):
-        """noise [B, Fc, C, H, W]; renoise [S-1, B, Fc, C, H, W] -> (record arrays, cache).
+                    chunk_index=0, bit_switch=None):
+        """noise [B, Fc, C, H, W]; renoise [S-1, B, Fc, C, H, W] -> (record arrays, cache, act_high).
 
-        Pass s of chunk ``chunk_index`` (traced) runs with the step context (s, chunk_index).
+        Pass s of chunk ``chunk_index`` (traced) runs with the step context (s, chunk_index). With a
+        ``bit_switch`` (:mod:`qarvd_jax.quant.bit_switch`, static) the δ-GBS accumulator is carried
+        through the passes of the chunk (restarted per chunk) and each pass's high/low choice is passed
+        into the layers (``act_high``, [S+1] bool); else ``act_high`` is None.
 
         Intermediates sown by the model (``nnx.Intermediate``, e.g. calibration inputs) are popped
         after every pass and returned stacked over passes."""
@@ -127,22 +135,31 @@ class CausalInferencePipeline:
         eps = jnp.concatenate([jnp.zeros_like(noise)[None], renoise, jnp.zeros_like(noise)[None]])
 
         def one_pass(carry, inp):
-            x0_prev, cache = carry
+            x0_prev, cache, gbs = carry
             s, tau, eps_s = inp
             renoised = sch.add_noise(x0_prev, eps_s, tau, tables)
             x_in = jnp.where(s == 0, noise, jnp.where(s == num_steps, x0_prev, renoised)).astype(noise.dtype)
             t = jnp.full((b, fc), tau, jnp.float32)
-            model = nnx.merge(graphdef, with_step_context(params, s, chunk_index))  # sown values stay here
+            high = None if bit_switch is None else gbs_rule.decide(gbs[0], bit_switch.delta)
+            model = nnx.merge(graphdef, with_step_context(params, s, chunk_index, high))  # sown values stay here
             (flow, cache), inter = nnx.capture(
                 lambda m: m.forward_chunk(x_in, t, cross, cache, current_start), nnx.Intermediate)(model)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
             x0_next = jnp.where(s == num_steps, x0_prev, x0)
-            return (x0_next, cache), (x_in, flow, x0, nnx.to_pure_dict(inter))
+            if bit_switch is not None:  # the accumulator of the chunk's own outputs (data-free)
+                gbs = (gbs_rule.update(gbs[0], high, flow, gbs[1], s == 0), flow.astype(jnp.float32))
+            return (x0_next, cache, gbs), (x_in, flow, x0, nnx.to_pure_dict(inter), high)
 
-        init = (jnp.zeros_like(noise), cache)
-        (_, cache), (inputs, flows, x0s, inter) = jax.lax.scan(
+        gbs_rule = None
+        gbs0 = ()
+        if bit_switch is not None:
+            from qarvd_jax.quant import bit_switch as gbs_rule
+
+            gbs0 = (jnp.float32(bit_switch.init), jnp.zeros(noise.shape, jnp.float32))  # (A, previous output)
+        init = (jnp.zeros_like(noise), cache, gbs0)
+        (_, cache, _), (inputs, flows, x0s, inter, act_high) = jax.lax.scan(
             one_pass, init, (jnp.arange(num_steps + 1), taus, eps))
-        return inputs, flows, x0s, inter, cache
+        return inputs, flows, x0s, inter, cache, act_high
 
     # ------------------------------------------------------------------------------ public API
     @property
@@ -160,6 +177,7 @@ class CausalInferencePipeline:
     def set_model(self, model: CausalWanModel) -> None:
         """Use another model (same config) from now on, e.g. after quantizing it in place."""
         self.graphdef, self.params = nnx.split(model)
+        self.bit_switch = _bit_switch_of(model)
 
     def stream(self, noise: jax.Array, prompt_embeds: jax.Array, *, seed: int | None = None,
                renoise: jax.Array | np.ndarray | None = None, params_for_chunk=None,
@@ -213,11 +231,23 @@ class CausalInferencePipeline:
                 chosen = params_for_chunk(ci)
                 graphdef, params = chosen if isinstance(chosen, tuple) else (graphdef, chosen)
             start = jnp.asarray(ci * fc * fsl, jnp.int32)
-            inputs, flows, x0s, inter, cache = self._chunk_fn(graphdef, params, chunk_noise, draws, cross, cache,
-                                                              start, jnp.asarray(ci, jnp.int32))
-            yield ChunkRecord(index=ci, output=x0s[steps - 1], inputs=inputs, flows=flows, x0s=x0s,
-                              extras={"cache": cache, "renoise": draws, "intermediates": inter})
+            inputs, flows, x0s, inter, cache, act_high = self._chunk_fn(
+                graphdef, params, chunk_noise, draws, cross, cache, start, jnp.asarray(ci, jnp.int32),
+                bit_switch=self.bit_switch)
+            extras = {"cache": cache, "renoise": draws, "intermediates": inter}
+            if act_high is not None:  # δ-GBS: activation bits of every denoising step, then the context pass
+                hi = [bool(v) for v in np.asarray(act_high)]
+                extras["bit_schedule"] = [self.bit_switch.bits(v) for v in hi[:steps]]
+                extras["context_bits"] = self.bit_switch.bits(hi[steps])
+            yield ChunkRecord(index=ci, output=x0s[steps - 1], inputs=inputs, flows=flows, x0s=x0s, extras=extras)
 
     def generate(self, noise, prompt_embeds, **kwargs) -> jax.Array:
         """Whole latent video [B, F, C, H, W]: the chunks of :meth:`stream` concatenated."""
         return jnp.concatenate([rec.output for rec in self.stream(noise, prompt_embeds, **kwargs)], axis=1)
+
+
+def _bit_switch_of(model):
+    """The δ-GBS controller of ``model``'s dvd-quant layers (None without them)."""
+    from qarvd_jax.quant.methods.dvd_quant import bit_switch_of
+
+    return bit_switch_of(model)

@@ -160,16 +160,19 @@ class TextToVideo:
         key = jax.random.key(seed)
         noise = jax.random.normal(jax.random.fold_in(key, 1 << 20), (1, *shape), dtype)
         emb = jnp.asarray(prompt_embeds[None], dtype)
-        latents, frames, cache = [], [], None
+        latents, frames, cache, bits = [], [], None, []
         num_chunks = shape[0] // self.dit.config.num_frame_per_block
         stream = self.pipeline.stream(noise, emb, seed=seed, params_for_chunk=params_for_chunk)
         for rec in tqdm(stream, total=num_chunks, desc="  chunks", leave=False, disable=not chunk_bar):
             latents.append(rec.output)
+            if "bit_schedule" in rec.extras:
+                bits.append(rec.extras["bit_schedule"])
             if decode:
                 z = jnp.swapaxes(rec.output, 1, 2)  # (B, C, Fc, h, w)
                 pixels, cache = decode_chunks(self.vae, [z], cache)
                 frames.append(_to_uint8_frames(pixels))
         lat = np.asarray(jnp.concatenate(latents, axis=1)[0], np.float32)
+        self.last_bit_schedule = bits or None  # δ-GBS (dvd-quant): activation bits [chunk][step]
         return lat, (np.concatenate(frames, axis=0) if decode else None)
 
     def run(self, prompts: Sequence[str], out_dir: str, *, seed: int = 0, num_frames: int, height: int,
@@ -206,6 +209,8 @@ class TextToVideo:
             if skip_existing and os.path.exists(video_path):
                 log.info("%s: regenerating, its recorded settings differ from this run's", stem)
             lat, frames = self.generate_one(embeds[i], seed + i, shape)
+            if getattr(self, "last_bit_schedule", None):
+                entry["bit_schedule"] = self.last_bit_schedule
             write_video(video_path, frames)
             with atomic_output(latent_path, overwrite=True) as tmp:  # last: records what the video was made with
                 with open(tmp, "wb") as fh:

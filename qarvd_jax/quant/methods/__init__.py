@@ -28,6 +28,7 @@ METHODS = {
     "vidit-q": "vidit_q",
     "svdquant": "svdquant",
     "qarvd": "qarvd",
+    "dvd-quant": "dvd_quant",
 }
 
 
