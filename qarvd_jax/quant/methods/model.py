@@ -244,8 +244,8 @@ def quantize_model_with_rules(model, calibration: Calibration | Mapping[str, Any
 
 
 def model_weight_bytes(model) -> int:
-    """Deployed bytes of the DiT: quantized layers by their method's ``weight_bytes``, everything
-    else at its stored size."""
+    """Deployed bytes of the DiT: quantized layers by their method's ``weight_bytes``, every other
+    parameter at 16 bits."""
     from qarvd_jax.quant import methods
     from qarvd_jax.quant.qlinear import iter_quant_layers
 
