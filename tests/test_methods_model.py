@@ -61,6 +61,25 @@ def test_quantize_checkpoint_generate(name, stack, fp_latents, tmp_path):
     a = latents(stack, loaded)[0]
     rel = np.mean((a - fp_latents) ** 2) / np.var(fp_latents)
     assert 0 < rel < 0.1, rel
+    if name == "smoothquant":
+        check_norm3_fold(stack, model, summary)
+
+
+def check_norm3_fold(stack, model, summary):
+    """cross_attn.q's 1/s lives in norm3: norm3' then layer(smooth=1) equals norm3 then layer(smooth=s)."""
+    from qarvd_jax.quant.methods.base import QuantizedLayer
+
+    assert summary["folded_into_norm3"] == ["blocks.0.cross_attn.q", "blocks.1.cross_attn.q"]
+    lyr = dict(iter_method_layers(model))["blocks.0.cross_attn.q"]
+    q = lyr.quantized_layer()
+    np.testing.assert_array_equal(np.asarray(q.state["smooth"]), 1.0)
+    norm, norm_fp = model.blocks[0].norm3, stack.dit.blocks[0].norm3
+    s = np.asarray(norm_fp.scale[...]) / np.asarray(norm.scale[...])
+    np.testing.assert_allclose(np.asarray(norm_fp.bias[...]) / s, np.asarray(norm.bias[...]), rtol=1e-5, atol=1e-7)
+    unfolded = QuantizedLayer(q.method, q.kernel, q.bias, dict(q.state, smooth=jnp.asarray(s)), q.static)
+    x = jax.random.normal(jax.random.key(0), (64, s.shape[0])) * 3
+    a, b = np.asarray(q(norm(x))), np.asarray(unfolded(norm_fp(x)))
+    assert np.mean(np.abs(a - b) > 1e-4 * np.abs(b).max()) < 0.01
 
 
 def test_cli_quantize_generate_export_for_integer_methods(tmp_path, stack, fp_latents):

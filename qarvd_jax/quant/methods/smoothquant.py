@@ -4,10 +4,12 @@
 (on the K axis), then the RTN quantizers on ``X'`` and ``W'``: weights per output channel asymmetric
 min-max, activations per tensor static min-max from the calibration inputs (``act_dynamic``: per token,
 O1/O2). The weight is stored smoothed (``kernel = diag(s) kernel``); the inverse scale is an explicit
-per-channel input scale ``smooth`` [in] applied before activation quantization: in the Wan DiT the
-inputs of q/k/v and ffn.0 come from the adaLN-modulated norm (per-call modulation, not a static
-affine) and ffn.2 follows a GELU, so no static fold exists for most layers (``quantizer_variants.md``
-§9(d)); the fake-quant math is the same as a fold.
+per-channel input scale ``smooth`` [in] applied before activation quantization, except where the graph
+allows a static fold: at model level (``fold_norm=true``) the ``1/s`` of every ``blocks.*.cross_attn.q``
+is folded into the affine ``norm3`` that feeds only it (``norm3.scale /= s``, ``norm3.bias /= s``, then
+``smooth = 1``). The other inputs have no static fold: self-attention q/k/v and ffn.0 read the
+adaLN-modulated norm (a per-call modulation, ``quantizer_variants.md`` §9(d)), ffn.2 follows a GELU,
+the o projections follow the attention and cross-attention k/v share one context across blocks.
 
 Paper: Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language
 Models", ICML 2023 (arXiv 2211.10438), Eq. 4. Code: ``mit-han-lab/smoothquant`` ``smooth.py``
@@ -40,6 +42,7 @@ class Config:
     a_bits: int | None = 8
     alpha: float = 0.5
     act_dynamic: bool = False
+    fold_norm: bool = True
     layers: tuple[str, ...] = ("blocks.*",)
 
     def __post_init__(self):
@@ -84,4 +87,35 @@ def apply(kernel, bias, state, x, static: Static, step, chunk, precision=None):
 weight_bytes = base.core_weight_bytes
 
 
-quantize_model = base.rules_quantizer(NAME)
+def fold_into_norms(model) -> list[str]:
+    """Fold the input scale of every SmoothQuant ``blocks.*.cross_attn.q`` into its block's affine
+    ``norm3`` (in place); returns the folded layer names."""
+    from flax import nnx
+
+    from qarvd_jax.quant.methods.model import iter_method_layers
+
+    norms = {}
+    for path, node in nnx.iter_graph(model):
+        if path and path[-1] == "norm3" and hasattr(node, "scale") and hasattr(node, "bias"):
+            norms[".".join(str(p) for p in path if p != "layers")] = node
+    folded = []
+    for name, layer in iter_method_layers(model):
+        norm = norms.get(name.replace(".cross_attn.q", ".norm3"))
+        if layer.method != NAME or not name.endswith(".cross_attn.q") or norm is None:
+            continue
+        s = layer.q_smooth[...]
+        for p in (norm.scale, norm.bias):
+            p[...] = (p[...].astype(jnp.float32) / s).astype(p[...].dtype)
+        layer.q_smooth[...] = jnp.ones_like(s)
+        folded.append(name)
+    return folded
+
+
+_quantize_by_rules = base.rules_quantizer(NAME)
+
+
+def quantize_model(model, calibration, config: Config, rules=None) -> dict:
+    """By rules (:class:`~qarvd_jax.quant.methods.model.MethodRule`), then the norm3 folds (``fold_norm``)."""
+    out = _quantize_by_rules(model, calibration, config, rules)
+    out["folded_into_norm3"] = fold_into_norms(model) if config.fold_norm else []
+    return out
