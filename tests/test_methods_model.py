@@ -63,6 +63,16 @@ def test_quantize_checkpoint_generate(name, stack, fp_latents, tmp_path):
     assert 0 < rel < 0.1, rel
     if name == "smoothquant":
         check_norm3_fold(stack, model, summary)
+    if name == "qarvd":  # the interface runs the recipe itself: same arrays as run_qarvd_ptq
+        from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
+        from qarvd_jax.quant.calibration import run_qarvd_ptq
+
+        ref = nnx.clone(stack.dit)
+        run_qarvd_ptq(ref, CausalInferencePipeline(ref, stack.t2v.pipeline.config), stack.embeds(["a fox"]), [0],
+                      stack.latent_shape, cfg)
+        got = dict(jax.tree_util.tree_flatten_with_path(nnx.state(model))[0])
+        for path, v in jax.tree_util.tree_flatten_with_path(nnx.state(ref))[0]:
+            np.testing.assert_allclose(np.asarray(got[path]), np.asarray(v), rtol=1e-6, atol=0)
 
 
 def check_norm3_fold(stack, model, summary):
