@@ -107,7 +107,7 @@ def test_config_yaml_overrides_and_errors(tmp_path):
     with pytest.raises(ValueError, match="3 chunk sensitivities but the video has 2 chunks"):
         qat_mod.load_chunk_weights(str(tmp_path / "s.json"), 2)
     with pytest.raises(ValueError, match="unknown logical axis"):
-        rules_table([("heads", "tensor")])
+        rules_table([("vocab", "tensor")])
 
 
 def test_partition_spec_rules():
@@ -127,6 +127,14 @@ def test_partition_spec_rules():
     assert spec(("blocks", 0, "norm3", "bias"), (64,)) == P()  # embed: replicated
     assert spec(("blocks", 0, "modulation"), (1, 6, 64)) == P()
     assert spec(("x", "a_scale"), (2,)) == P()
+    # Megatron row-parallel o / ffn.2: input features on tensor, outputs on fsdp
+    assert spec(("blocks", 0, "self_attn", "o", "kernel"), (64, 64)) == P("tensor", "fsdp")
+    assert spec(("blocks", 0, "cross_attn", "o", "w_scale"), (1, 64)) == P(None, "fsdp")
+    assert spec(("blocks", 0, "ffn", "layers", 2, "kernel"), (128, 64)) == P("tensor", "fsdp")
+    assert spec(("blocks", 0, "ffn", "layers", 0, "kernel"), (64, 128)) == P("fsdp", "tensor")
+    old_rules = rules_table([("batch", "data", "fsdp"), ("weight_in", "fsdp"), ("weight_out", "tensor")])
+    path = tuple(jax.tree_util.DictKey(n) for n in ("blocks", 0, "self_attn", "o", "kernel"))
+    assert partition_spec(logical_axes(path, (64, 64)), (64, 64), old_rules, mesh) == P("fsdp", "tensor")
 
 
 def test_data_slices_per_process(tmp_path):
@@ -274,9 +282,10 @@ def test_sharded_step_matches_unsharded(stack, cfg, calibrated):
     assert fz["bias"][...].sharding.spec == P("tensor")
     tr = s8.trainable["blocks"][0]["ffn"]["layers"][0]
     assert tr["w_scale"][...].sharding.spec == P(None, "tensor") and tr["a_scale"][...].sharding.spec == P()
-    mu = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(s8.opt_state)[0]
+    mu = [(jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(s8.opt_state)[0]
           if "w_scale" in jax.tree_util.keystr(path) and leaf.ndim == 2]
-    assert mu and all(m.sharding.spec == P(None, "tensor") for m in mu)
+    row = lambda k: "['o']" in k or "['ffn']['layers'][2]" in k  # Megatron row-parallel: outputs on fsdp
+    assert mu and all(m.sharding.spec == (P(None, "fsdp") if row(k) else P(None, "tensor")) for k, m in mu)
     assert s8.rng.sharding.spec == P() and s8.step.sharding.spec == P()
     # with train_weights the kernels move to the train state, sharded the same way (and their Adam moments)
     tw = qat_mod.QATTrainer(model, cfg.replace(train_weights=True), mesh, stack.latent_shape,

@@ -26,6 +26,11 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, ...], ...] = (
     ("weight_in", "fsdp"),
     ("weight_out", "tensor"),
     ("embed",),
+    ("row_in", "tensor"),
+    ("row_out", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("context",),
 )
 
 

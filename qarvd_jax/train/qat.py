@@ -226,18 +226,21 @@ class QATTrainer:
             trainable, frozen = sds(trainable), sds(frozen)
             self._host_trainable, self._host_frozen = trainable, frozen
             self.frozen = abstract_like(frozen, self.frozen_sh)
-            self.teacher = (abstract_like(trainable, self.trainable_sh), self.frozen)
+            self.teacher = (abstract_like(self._teacher_dtype(trainable), self.trainable_sh), self.frozen)
         else:
             # host numpy copies (not arrays on device 0), for init_state / abstract_state
             trainable, frozen = jax.tree.map(np.asarray, trainable), jax.tree.map(np.asarray, frozen)
             self._host_trainable, self._host_frozen = trainable, frozen
             self.frozen = _put(frozen, self.frozen_sh)
-            self.teacher = (_put(trainable, self.trainable_sh), with_quant_flags(self.frozen, False))
+            # the frozen teacher's copy of trained weights is stored in the compute dtype (it computes in it)
+            self.teacher = (_put(self._teacher_dtype(trainable), self.trainable_sh),
+                            with_quant_flags(self.frozen, False))
         self.distiller = Distiller(self.graphdef, model.config, latent_shape, sampler, omega=omega,
                                    target=cfg.target, remat=cfg.remat,
                                    batch_constraint=lambda nd: shd.batch_sharding(mesh, self.rules, nd),
                                    rollout_gradient=cfg.rollout_gradient, block_plan=block_stack_plan(model),
-                                   scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy)
+                                   scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+                                   activation_sharding=shd.activation_sharding(mesh, self.rules))
         key = (self.graphdef, _step_key(cfg), tuple(latent_shape), sampler, None if omega is None else
                tuple(np.asarray(omega, np.float32).tolist()), mesh)
         if jit_cache is not None and key in jit_cache:
@@ -250,6 +253,18 @@ class QATTrainer:
             if jit_cache is not None:
                 jit_cache[key] = self.step_fn
 
+    def _teacher_dtype(self, tree):
+        if not self.cfg.train_weights:
+            return tree
+        dt = jnp.dtype(self.cfg.compute_dtype)
+
+        def one(x):
+            if jnp.issubdtype(x.dtype, jnp.floating) and len(x.shape) >= 1:
+                return jax.ShapeDtypeStruct(x.shape, dt) if isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x, dt)
+            return x
+
+        return jax.tree.map(one, tree)
+
     def abstract_step_args(self):
         """Sharded ``ShapeDtypeStruct`` arguments of ``step_fn`` (lower and compile without data)."""
         state, frozen = self.abstract_state()
@@ -258,7 +273,7 @@ class QATTrainer:
         batch = {"embeds": jax.ShapeDtypeStruct((b, mc.text_len, mc.text_dim), jnp.float32,
                                                 sharding=self.batch_sh["embeds"]),
                  "prompt_id": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self.batch_sh["prompt_id"])}
-        teacher = (abstract_like(self._host_trainable, self.trainable_sh), frozen)
+        teacher = (abstract_like(self._teacher_dtype(self._host_trainable), self.trainable_sh), frozen)
         return state, frozen, teacher, batch
 
     def init_state(self) -> TrainState:

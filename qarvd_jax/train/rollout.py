@@ -83,11 +83,15 @@ class Distiller:
       block_plan: :func:`qarvd_jax.models.wan.model.block_stack_plan` of the model (required for
         ``per_call``); one graphdef: blocks stacked and scanned (unless ``scan_layers`` is false).
       remat_policy: name of a ``jax.checkpoint_policies`` entry (default ``nothing_saveable``).
+      activation_sharding: optional ``(logical axes, shape) -> NamedSharding``
+        (:func:`qarvd_jax.train.sharding.activation_sharding`): block activations, q/k/v and the
+        stacked KV caches are constrained to ``batch`` / ``context`` / ``heads``.
     """
 
     def __init__(self, graphdef, model_config, latent_shape, sampler: InferenceConfig, *, omega=None,
                  target: str = "flow", remat: bool = True, batch_constraint=None, rollout_gradient: str = "full",
-                 block_plan=None, scan_layers: bool = True, remat_policy: str = "nothing_saveable"):
+                 block_plan=None, scan_layers: bool = True, remat_policy: str = "nothing_saveable",
+                 activation_sharding=None):
         cfg = model_config
         self.graphdef = graphdef
         self.model_config = cfg
@@ -127,6 +131,7 @@ class Distiller:
         if not hasattr(jax.checkpoint_policies, remat_policy):
             raise ValueError(f"unknown remat_policy {remat_policy!r} (a name in jax.checkpoint_policies)")
         self.remat_policy = getattr(jax.checkpoint_policies, remat_policy) if remat else None
+        self.activation_sharding = activation_sharding
 
     # ------------------------------------------------------------------------------ helpers
     def _constrain(self, tree, batch: int):
@@ -140,8 +145,18 @@ class Distiller:
 
         return jax.tree.map(one, tree)
 
+    _LOGICAL = {"hidden": ("batch", None, "context", "embed"), "heads": ("batch", "context", "heads", None)}
+
+    def _constrain_activation(self, kind: str, x):
+        return jax.lax.with_sharding_constraint(x, self.activation_sharding(self._LOGICAL[kind], x.shape))
+
     def _constrain_stacked(self, cache: kvc.KVCache, batch: int) -> kvc.KVCache:
-        """Batch sharding on axis 1 of stacked [L, B, ...] cache arrays."""
+        """Batch (and heads) sharding of stacked [L, B, T, H, D] cache arrays."""
+        if self.activation_sharding is not None:
+            one = lambda x: jax.lax.with_sharding_constraint(
+                x, self.activation_sharding((None, "batch", None, "heads", None), x.shape))
+            return kvc.KVCache(k=one(cache.k), v=one(cache.v), global_end=cache.global_end,
+                               local_end=cache.local_end)
         if self.batch_constraint is None:
             return cache
         from jax.sharding import NamedSharding, PartitionSpec
@@ -184,7 +199,8 @@ class Distiller:
         model = nnx.merge(self.graphdef, *(self._join_blocks(r, b) for r, b in zip(rests, stacks)))
         states = tuple(b if b is not None else (nnx.State({}) if self.scanned else [nnx.State({})] * self.num_layers)
                        for b in stacks)
-        return model, BlockStack(self.block_plan, states, self.remat_policy if remat else None)
+        cons = self._constrain_activation if self.activation_sharding is not None else None
+        return model, BlockStack(self.block_plan, states, self.remat_policy if remat else None, cons)
 
     def _init_stacked_cache(self, batch: int) -> kvc.KVCache:
         cfg = self.model_config

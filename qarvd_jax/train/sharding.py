@@ -13,7 +13,8 @@ mirror the parameter tree)
 =====================================  ================  ==================================
 leaf                                   shape             logical axes
 =====================================  ================  ==================================
-Linear / QuantLinear ``kernel``        [in, out]         (weight_in, weight_out)
+Linear / QuantLinear ``kernel``        [in, out]         (weight_in, weight_out); row-parallel
+                                                         ``o`` and ``ffn.2``: (row_in, row_out)
 Linear / QuantLinear ``bias``          [out]             (weight_out,)
 QuantState ``w_scale`` / ``w_zero``    [G, out]          (None, weight_out)
 norm ``scale`` / ``bias``              [dim]             (embed,)
@@ -30,6 +31,14 @@ Rules (:attr:`QATConfig.logical_axis_rules`) map each logical axis to mesh axes;
     weight_in  -> fsdp        # FSDP: kernels' input dim, gathered by XLA before each matmul
     weight_out -> tensor      # tensor parallelism of the output features (and their scales)
     embed      -> replicated
+    row_in     -> tensor      # Megatron row-parallel o / ffn.2: input features on tensor (the
+    row_out    -> fsdp        #   column-parallel q/k/v/ffn.0 outputs arrive split the same way)
+    heads      -> tensor      # activations: attention heads, the FFN hidden width, and an optional
+    mlp        -> tensor      #   context (token) axis
+    context    -> replicated
+
+Activations (the training path, :mod:`qarvd_jax.train.rollout`): block inputs/outputs
+``(batch, context, embed)``, q/k/v and the KV cache ``(batch, context, heads, None)``.
 
 A dimension whose size is not divisible by the product of its mesh axes is replicated instead
 (e.g. ``text_embedding.0.kernel`` [32, 64] with fsdp=64), and a mesh axis is used at most once per
@@ -47,10 +56,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["MESH_AXES", "LOGICAL_AXES", "parse_mesh_spec", "make_mesh", "rules_table", "logical_axes",
-           "partition_spec", "tree_shardings", "batch_sharding", "replicated", "check_model_divisible"]
+           "partition_spec", "tree_shardings", "batch_sharding", "replicated", "check_model_divisible",
+           "activation_sharding"]
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "weight_in", "weight_out", "embed")
+LOGICAL_AXES = ("batch", "weight_in", "weight_out", "embed", "row_in", "row_out", "heads", "mlp", "context")
+# row-parallel kernels fall back to the column rules when a (pre-issue-10) rule table lacks them
+_ROW_FALLBACK = {"row_in": "weight_in", "row_out": "weight_out"}
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
@@ -134,16 +146,28 @@ def _names(path) -> list:
     return [n for n in names if n != "value"]
 
 
+def _row_parallel(names: list) -> bool:
+    """Megatron row-parallel layers: attention ``o`` and the FFN's second linear (``ffn.layers.2``)."""
+    if len(names) < 2:
+        return False
+    if names[-2] == "o" and len(names) >= 3 and str(names[-3]) in ("self_attn", "cross_attn"):
+        return True
+    return len(names) >= 4 and names[-3] == "layers" and names[-2] == 2 and names[-4] == "ffn"
+
+
 def logical_axes(path, shape: Sequence[int]) -> tuple[str | None, ...]:
     """Logical axes of a state leaf from its pytree path and shape (the table in the module docstring)."""
     names = _names(path)
     leaf = names[-1] if names else None
     parent = str(names[-2]) if len(names) > 1 else ""
     nd = len(shape)
+    row = _row_parallel(names)
     if leaf == "kernel" and nd == 2:
-        return ("weight_in", "weight_out")
+        return ("row_in", "row_out") if row else ("weight_in", "weight_out")
     if leaf in ("w_scale", "w_zero") and nd == 2:
-        return (None, "weight_out")
+        return (None, "row_out") if row else (None, "weight_out")
+    if leaf == "bias" and nd == 1 and row:
+        return ("row_out",)
     if leaf in ("scale", "bias") and nd == 1 and "norm" in parent:
         return ("embed",)
     if leaf == "bias" and nd == 1:
@@ -159,6 +183,8 @@ def partition_spec(logical: Sequence[str | None], shape: Sequence[int], rules: M
     used: set[str] = set()
     spec = []
     for name, size in zip(logical, shape):
+        if name in _ROW_FALLBACK and name not in rules:
+            name = _ROW_FALLBACK[name]
         axes = tuple(rules.get(name, ())) if name else ()
         n = math.prod(mesh.shape[a] for a in axes) if axes else 1
         if not axes or size % n or used & set(axes):
@@ -205,3 +231,13 @@ def check_model_divisible(model_config, mesh: Mesh) -> None:
             problems.append(f"{name}={value} is not divisible by tensor={t} (tensor sizes that divide it: {ok})")
     if problems:
         raise ValueError("mesh does not fit the model: " + "; ".join(problems))
+
+
+def activation_sharding(mesh: Mesh, rules: Mapping[str, tuple[str, ...]]):
+    """``(logical axes, shape) -> NamedSharding`` for activations (``batch``, ``context``, ``heads``,
+    ``mlp`` ...), with the same divisibility and one-use-per-mesh-axis rules as the state."""
+
+    def sharding(logical: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        return NamedSharding(mesh, partition_spec(logical, shape, rules, mesh))
+
+    return sharding

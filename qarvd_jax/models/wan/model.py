@@ -233,11 +233,14 @@ class BlockStack:
       remat_policy: ``None`` (no rematerialisation) or a ``jax.checkpoint`` policy: each block is
         rematerialised in the backward pass, saving what the policy allows (``nothing_saveable``:
         only the block inputs).
+      constrain: optional ``(kind, x) -> x`` sharding constraint of activations, kind ``"hidden"``
+        (block input [B, F, S, dim]) or ``"heads"`` (q/k/v [B, L, H, D]); None: XLA decides.
     """
 
     graphdefs: tuple
     states: tuple
     remat_policy: Callable | None = None
+    constrain: Callable | None = None
 
     @property
     def scanned(self) -> bool:
@@ -462,16 +465,19 @@ class CausalWanModel(nnx.Module):
         def cross_attend(q, k, v):
             return attn_fn(q, k, v, precision=prec)
 
+        cons = blocks.constrain or (lambda _kind, a: a)
+
         def body(h, blk, xs):
             gdef, states = blk
             ck, cv, k_old, v_old = xs
             block = nnx.merge(gdef, *states)
             new = []
+            h = cons("hidden", h)
 
             def self_attend(attn, hx):
-                q = apply_rope(attn.project_q(hx), cos, sin)
+                q = cons("heads", apply_rope(attn.project_q(hx), cos, sin))
                 k, v = attn.project_kv(hx)
-                k = apply_rope(k, cos, sin)
+                k, v = cons("heads", apply_rope(k, cos, sin)), cons("heads", v)
                 kc, vc, _ = kvc.advance_layer_cache(
                     k_old, v_old, k, v, global_end=cache.global_end, local_end=cache.local_end,
                     current_start=current_start, local_attn_size=cfg.local_attn_size, sink_tokens=sink)
