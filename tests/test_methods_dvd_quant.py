@@ -220,11 +220,9 @@ def test_pipeline_switches_bits_from_its_own_outputs_and_compiles_once(stack):
     assert summary["rotation"]["blocks.0.ffn.2"] == 128 and summary["bit_switch"]["delta"] == 0.12
     pipe = CausalInferencePipeline(model, stack.t2v.pipeline.config)
     emb = jnp.asarray(stack.embeds(["a fox"]))
-    lat = {}
-    for v, seed in enumerate((0, 1)):
+    for seed in (0, 1):
         noise = jax.random.normal(jax.random.key(seed), (1, *stack.latent_shape))
         recs = list(pipe.stream(noise, emb, seed=seed))
-        lat[v] = np.concatenate([np.asarray(r.output) for r in recs], axis=1)
         for r in recs:  # the in-graph rule equals the host rule on the chunk's own model outputs
             ref = gbs.schedule(list(np.asarray(r.flows, np.float32)), pipe.bit_switch)
             assert r.extras["bit_schedule"] == [8 if h else 4 for h in ref[:-1]]
@@ -267,7 +265,7 @@ def test_cli_quantize_reads_no_prompts_and_generate_records_the_schedule(tmp_pat
     assert summary["method"] == "dvd-quant" and summary["calibration_prompts"] == []
     assert summary["bit_switch"]["delta"] == 0.12 and set(summary["rotation"].values()) == {64, 128}
     prompts = tmp_path / "p.txt"
-    prompts.write_text("a fox\nclouds\n")
+    prompts.write_text("a fox\n")
     out = tmp_path / "v"
     assert cli(["generate", "--quantized", str(q), "--prompts", str(prompts), "--out", str(out), *GEOM]) == 0
     man = json.loads((out / "generation.json").read_text())

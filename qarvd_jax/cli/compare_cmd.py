@@ -13,7 +13,7 @@ def register(sub) -> None:
                        "DIR/quality.png and DIR/error_per_chunk.png. A failing run is reported in its row. "
                        "Overrides: METHOD.KEY=VALUE (one method) or KEY=VALUE (every method with that field).")
     add_model_args(p)
-    p.add_argument("--methods", default="rtn,smoothquant,gptq,vidit-q,svdquant,qarvd",
+    p.add_argument("--methods", default="rtn,smoothquant,gptq,vidit-q,svdquant,qarvd,dvd-quant",
                    help="comma-separated method names (qarvd_jax.quant.methods.available())")
     p.add_argument("--bits", default="w8a8,w4a8,w4a4", help="comma-separated wNaM settings (a16: FP activations)")
     p.add_argument("--out", required=True, help="output folder")

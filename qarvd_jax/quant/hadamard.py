@@ -11,6 +11,9 @@ powers of two (Wan 1.3B: 1536 = 12 x 128, 8960 = 70 x 128; ``quantizer_variants.
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,6 +24,7 @@ def is_power_of_two(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
+@partial(jax.jit, static_argnames=("normalize",))
 def fwht(x, *, normalize: bool = True):
     """``x @ H_n`` along the last axis (n = x.shape[-1], a power of two); float in, same dtype out."""
     x = jnp.asarray(x)
@@ -38,6 +42,7 @@ def fwht(x, *, normalize: bool = True):
     return x * jnp.asarray(1.0 / np.sqrt(n), x.dtype) if normalize else x
 
 
+@partial(jax.jit, static_argnames=("block", "normalize"))
 def block_fwht(x, block: int, *, normalize: bool = True):
     """``fwht`` of every block of ``block`` consecutive features of the last axis (a multiple of it)."""
     x = jnp.asarray(x)

@@ -30,7 +30,8 @@ Forward of one layer (``quantizer_variants.md`` §3(a), U.1)::
   at every chunk (Self-Forcing has only 4 steps per chunk: a project adaptation; the first step of a
   chunk is high for ``delta <= 1``). The context pass uses the width the rule gives after the last
   step. ``delta`` (config) 0: high at every step; huge: low at every step.
-  Without a pipeline (``layer(x)`` directly) the layer runs at ``a_bits``.
+  Without a pipeline (``layer(x)`` directly) the layer runs at ``a_bits``; so do the cross-attention
+  K/V projections, computed once per video outside the chunk function.
 
 Every part is switchable (the paper's ablation): ``bgr=false`` (min-max weights), ``rotate=false``,
 ``act_scale=false`` (no Λ), ``gbs=false`` (always ``a_bits``).
