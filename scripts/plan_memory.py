@@ -40,6 +40,8 @@ def _parse(argv):
     p.add_argument("--skip-calibration", action="store_true")
     p.add_argument("--calib-prompts", type=int, default=1)
     p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--count-gathers", action="store_true", help="also count the compiled step's all-gathers by "
+                   "dtype, in the entry computation and in loop bodies (weights gathered per layer or whole)")
     p.add_argument("overrides", nargs="*", help="QATConfig key=value overrides")
     return p.parse_args(argv)
 
@@ -96,13 +98,28 @@ def analytic(trainer, cfg, mcfg, mesh, latent_shape, vpd: int) -> dict:
             "block_inputs_saved": block_in * vpd}
 
 
-def compile_qat(trainer) -> tuple[dict, float]:
+def count_gathers(hlo: str) -> dict:
+    """All-gathers of the compiled HLO by dtype: ``{"entry": {...}, "loops": {...}}``."""
+    import collections
+    import re
+
+    comps = re.split(r"\n(?=\S.*\{\n)", hlo)
+    entry = "".join(c for c in comps if c.startswith("ENTRY"))
+    find = lambda text: collections.Counter(re.findall(r"= (\w+)\[[\d,]*\][^\n]*all-gather\(", text))
+    ent, total = find(entry), find(hlo)
+    return {"entry": dict(ent), "loops": dict(total - ent)}
+
+
+def compile_qat(trainer, gathers: bool = False) -> tuple[dict, float]:
     t0 = time.perf_counter()
     compiled = trainer.step_fn.lower(*trainer.abstract_step_args()).compile()
     ma = compiled.memory_analysis()
     a, t = int(ma.argument_size_in_bytes), int(ma.temp_size_in_bytes)
-    return {"arguments": a, "temp": t, "total": a + t, "output": int(ma.output_size_in_bytes),
-            "alias": int(ma.alias_size_in_bytes)}, time.perf_counter() - t0
+    out = {"arguments": a, "temp": t, "total": a + t, "output": int(ma.output_size_in_bytes),
+           "alias": int(ma.alias_size_in_bytes)}
+    if gathers:
+        out["all_gathers"] = count_gathers(compiled.as_text())
+    return out, time.perf_counter() - t0
 
 
 def calibration(model, cfg, mcfg, latent_shape, sampler, prompts: int) -> dict:
@@ -157,7 +174,7 @@ def main(argv=None) -> int:
     import jax
 
     trainer, model, cfg, mesh, latent_shape, sampler, mcfg = build(args)
-    qat, secs = compile_qat(trainer)
+    qat, secs = compile_qat(trainer, args.count_gathers)
     out = {"qat": {"per_device_bytes": {k: qat[k] for k in ("arguments", "temp", "total")}, "mesh": dict(mesh.shape),
                    "videos_per_device": args.videos_per_device, "compile_s": round(secs, 1),
                    "analytic_bytes": analytic(trainer, cfg, mcfg, mesh, latent_shape, args.videos_per_device),
@@ -167,6 +184,9 @@ def main(argv=None) -> int:
     print(f"QAT step, mesh {dict(mesh.shape)}, {args.videos_per_device} video(s)/device, compiled in {secs:.0f} s")
     for k in ("arguments", "temp", "total"):
         print(f"  {k:>10}: {qat[k] / GIB:8.2f} GiB per device")
+    if "all_gathers" in qat:
+        out["qat"]["all_gathers"] = qat["all_gathers"]
+        print(f"  all-gathers by dtype: entry {qat['all_gathers']['entry']}, loop bodies {qat['all_gathers']['loops']}")
     for k, v in out["qat"]["analytic_bytes"].items():
         print(f"  analytic {k}: {v / GIB:.2f} GiB")
     if not args.skip_calibration:
