@@ -179,3 +179,15 @@ def test_layer_groups_bound_memory_without_changing_the_result(stack):
     assert len(meta["layers"]) == 20 and {v["w_bits"] for v in meta["layers"].values()} == {8}
     for n in out[0]:
         np.testing.assert_allclose(out[0][n], out[1][n], rtol=1e-6)
+
+
+def test_vidit_q_mixed_precision_on_the_model(stack):
+    cfg = methods.get("vidit-q").Config(mixed_precision=True, mp_bits=(4, 8), mp_avg_bits=6.0)
+    model, summary = quantize_copy(stack, "vidit-q", cfg, ["a fox"], seed=0)
+    bits = summary["mixed_precision"]["bits"]
+    sizes = {n: int(np.prod(lyr.kernel[...].shape)) for n, lyr in iter_method_layers(model)}
+    assert set(bits) == set(sizes) and set(bits.values()) == {4, 8}
+    assert sum(bits[n] * sizes[n] for n in bits) / sum(sizes.values()) <= 6.0
+    assert all(summary["layers"][n]["w_bits"] == b for n, b in bits.items())
+    errs = summary["mixed_precision"]["errors"]
+    assert all(errs[n][4] > errs[n][8] for n in errs)  # the metric: 4-bit error above 8-bit
