@@ -184,6 +184,9 @@ def test_arq_beats_rtn_w4a4_on_activation_outliers():
     hi = dict(layer.state, act_high=jnp.ones(()))
     a8 = mse(methods.base.QuantizedLayer(dq.NAME, layer.kernel, None, hi, layer.static))
     assert a8 < 0.8 * arq  # the 4-bit weights dominate what is left
+    l6 = dq.quantize_layer(w, None, None, dq.Config(w_bits=4, a_bits=4, a_bits_high=6))
+    a6 = mse(methods.base.QuantizedLayer(dq.NAME, l6.kernel, None, dict(l6.state, act_high=jnp.ones(())), l6.static))
+    assert a8 < a6 < arq  # W4A6 as the high state
 
 
 # ------------------------------------------------------------------------------------------ δ-GBS
@@ -272,3 +275,32 @@ def test_cli_quantize_reads_no_prompts_and_generate_records_the_schedule(tmp_pat
     for entry in man["videos"]:
         sched = entry["bit_schedule"]
         assert len(sched) == 2 and all(len(c) == 4 and set(c) <= {4, 8} and c[0] == 8 for c in sched)
+
+
+# ------------------------------------------------------------------------------------------ integer form
+@pytest.mark.parametrize("lam_block", [1, 128])
+def test_integer_form_equals_fake_quant(lam_block):
+    """Stated bound: max |y_int - y_fake| <= 1e-4 max |y_fake| (same codes; only the float epilogue and
+    summation order differ), at A4 and A8 with the same int4 weight codes."""
+    rng = np.random.default_rng(1)
+    k = 256
+    scales = np.exp(rng.uniform(np.log(0.1), np.log(10.0), size=k)).astype(np.float32)
+    scales[5] *= 100.0
+    x = (rng.normal(size=(2, 24, k)) * scales).astype(np.float32)
+    kernel = rng.normal(size=(k, 40)).astype(np.float32)
+    b = rng.normal(size=(40,)).astype(np.float32)
+    layer = dq.quantize_layer(kernel, b, None, dq.Config(lambda_block=lam_block, bgr_init_steps=4))
+    arrays = dq.integer_form(layer)
+    assert arrays["w_codes"].dtype == jnp.int8 and int(jnp.max(jnp.abs(arrays["w_codes"]))) <= 15
+    fake = jax.jit(lambda lyr, x: lyr(x))
+    integer = jax.jit(dq.integer_apply, static_argnums=1)
+    for high in (False, True):
+        lyr = methods.base.QuantizedLayer(dq.NAME, layer.kernel, layer.bias,
+                                          dict(layer.state, act_high=jnp.float32(high)), layer.static)
+        y_fake = np.asarray(fake(lyr, jnp.asarray(x)))
+        y_int = np.asarray(integer(arrays, layer.static, jnp.asarray(x), jnp.asarray(high)))
+        assert np.max(np.abs(y_int - y_fake)) <= 1e-4 * np.max(np.abs(y_fake))
+    y8 = np.asarray(integer(arrays, layer.static, jnp.asarray(x), jnp.asarray(True)))
+    y4 = np.asarray(integer(arrays, layer.static, jnp.asarray(x), jnp.asarray(False)))
+    y0 = x @ kernel + b
+    assert np.mean((y8 - y0) ** 2) < np.mean((y4 - y0) ** 2)

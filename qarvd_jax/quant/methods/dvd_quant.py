@@ -46,7 +46,14 @@ them); Λ per channel (not the paper's hardware block-wise Λ); per-token asymme
 independent (δ_l, δ_u) init over [0, 0.2]^2 (21 x 21), <= 50 rounds, tolerance 1e-4; z from the row mean; δ fixed (not
 tuned on prompts, which would need data).
 
-Integer form: none yet (``qarvd export`` does not take rotated layers).
+Λ is per channel by default; ``lambda_block`` (e.g. 128, the kernel K-tile) makes it constant per K-block
+(the paper's "hardware-friendly block-wise" form), which the integer form needs.
+
+Integer form: :func:`integer_form` (int8 codes of the rotated int4 weights, the same for A4 and A8,
+per-K-block column sums) and :func:`integer_apply` (online FWHT, per-token dynamic codes, int8 x int8 ->
+int32 per K-block dot, zero-point correction and Λ in the epilogue) are tested against the fake-quant
+layer; they are not wired into ``qarvd export`` / ``generate --backend xla|pallas`` yet, which refuse the
+method (``HAS_INTEGER_FORM = False``).
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ HAS_INTEGER_FORM = False
 
 __all__ = ["NAME", "Config", "Static", "BGRResult", "bgr_init", "bgr_step", "bgr_quantize", "rotate", "signs_for",
            "act_quant", "quantize_layer", "apply", "quantize_model", "needs_calibration", "weight_bytes",
-           "bit_switch_of", "rotation_blocks"]
+           "bit_switch_of", "rotation_blocks", "channel_scale", "integer_form", "integer_apply"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class Config:
     w_bits: int = 4
     a_bits: int | None = 4
     a_bits_high: int | None = 8
+    lambda_block: int = 1
     delta: float = 0.12
     gbs: bool = True
     gbs_init: float = 1.0
@@ -112,6 +120,8 @@ class Config:
             raise ValueError("dvd-quant: 0 <= bgr_init_max < 0.5, bgr_init_steps >= 0, bgr_max_iters >= 0")
         if self.rotation_block < 1 or self.rotation_block & (self.rotation_block - 1):
             raise ValueError(f"dvd-quant: rotation_block={self.rotation_block} must be a power of two")
+        if self.lambda_block < 1:
+            raise ValueError(f"dvd-quant: lambda_block={self.lambda_block} must be >= 1")
         if not self.delta >= 0:
             raise ValueError(f"dvd-quant: delta={self.delta} must be >= 0")
 
@@ -134,6 +144,7 @@ class Static:
     gbs: bool
     delta: float
     gbs_init: float
+    lam_block: int = 1
 
 
 def needs_calibration(cfg: Config) -> bool:
@@ -254,11 +265,26 @@ def act_quant(x, bits, high_bits=None, high=False, *, symmetric: bool = False):
         qmax = 2.0 ** (b - 1) - 1
         s = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True) / qmax, 1e-8)
         return jnp.clip(jnp.round(x / s), -qmax - 1, qmax) * s
+    q, s, z = _token_codes(x, b)
+    return (q - z) * s
+
+
+def _token_codes(x, b):
+    """Per-token asymmetric min-max codes of x [..., K] at ``b`` bits (traced): (q, scale, zero)."""
     levels = 2.0 ** b - 1
     lo, hi = jnp.min(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)
     s = jnp.maximum((hi - lo) / levels, 1e-8)
     z = jnp.round(-lo / s)
-    return (jnp.clip(jnp.round(x / s) + z, 0, levels) - z) * s
+    return jnp.clip(jnp.round(x / s) + z, 0, levels), s, z
+
+
+def channel_scale(xr, block: int = 1):
+    """Λ [K]: max |xr| over all tokens of the call, per channel (``block`` 1) or per K-block of ``block``
+    channels (the kernel-friendly form), repeated over the block; 1 where the maximum is 0."""
+    lam = jnp.max(jnp.abs(jax.lax.stop_gradient(xr)).reshape(-1, xr.shape[-1]), axis=0)
+    if block > 1:
+        lam = jnp.repeat(jnp.max(lam.reshape(-1, block), axis=1), block)
+    return jnp.where(lam > 0, lam, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ layer
@@ -280,7 +306,7 @@ def quantize_layer(kernel, bias, calib_inputs, config: Config, *, steps=None) ->
     state = {"w_scale": scale, "w_zero": zero, "signs": signs, "act_high": jnp.zeros((), jnp.float32)}
     static = Static(base.weight_spec(config.w_bits), config.a_bits, config.high_bits, block, config.act_scale,
                     config.a_symmetric, config.gbs and config.a_bits is not None, float(config.delta),
-                    float(config.gbs_init))
+                    float(config.gbs_init), config.lambda_block)
     return QuantizedLayer(NAME, w_r.T, bias, state, static)
 
 
@@ -288,10 +314,7 @@ def apply(kernel, bias, state, x, static: Static, step, chunk, precision=None):
     """y = Q_B(x R / Λ) Λ BGR(W R)^T + b; ``kernel`` is the rotated (W R)^T [in, out]."""
     xr = rotate(x, state["signs"], static.rot_block)
     if static.a_bits is not None:
-        lam = 1.0
-        if static.act_scale:
-            lam = jnp.max(jnp.abs(jax.lax.stop_gradient(xr)).reshape(-1, xr.shape[-1]), axis=0)
-            lam = jnp.where(lam > 0, lam, 1.0)
+        lam = channel_scale(xr, static.lam_block) if static.act_scale else 1.0
         high = (state["act_high"] > 0.5) if static.gbs else False
         xr = act_quant(xr / lam, static.a_bits, static.a_bits_high, high, symmetric=static.a_symmetric) * lam
     wq = fake_quant(jnp.asarray(kernel, jnp.float32).T, QuantParams(state["w_scale"], state["w_zero"]), static.w_spec)
@@ -305,6 +328,52 @@ def weight_bytes(layer: QuantizedLayer) -> int:
     st = {n: v for n, v in layer.state.items() if n in ("w_scale", "w_zero")}
     return base.layer_weight_bytes(k.shape[0], k.shape[1], layer.static.w_spec.bits, st,
                                    has_bias=layer.bias is not None) + -(-k.shape[0] // 8)
+
+
+# ------------------------------------------------------------------------------------------ integer form
+def integer_form(layer: QuantizedLayer) -> dict:
+    """The deployable arrays of a dvd-quant layer: ``w_codes`` int8 [out, in] = q_w - z_w (in
+    [-(2^b - 1), 2^b - 1]; the same codes serve A4 and A8), ``w_scale`` [out], ``colsum`` int32
+    [in / lam_block, out] (per K-block sums of ``w_codes``, for the activation zero-point correction),
+    ``signs`` [in] and ``bias``. The rotation is folded into the codes (they quantize W R)."""
+    st = layer.static
+    if st.a_symmetric:
+        raise ValueError("dvd-quant integer form: asymmetric activations only (a_symmetric=false)")
+    w = jnp.asarray(layer.kernel, jnp.float32).T
+    qmax = st.w_spec.qmax
+    z = layer.state["w_zero"]
+    codes = (jnp.clip(jnp.round(w / layer.state["w_scale"][:, None]) + z[:, None], 0, qmax) - z[:, None])
+    codes = codes.astype(jnp.int8)
+    k = codes.shape[1]
+    if k % st.lam_block:
+        raise ValueError(f"dvd-quant integer form: in={k} is not a multiple of lambda_block={st.lam_block}")
+    colsum = jnp.sum(codes.astype(jnp.int32).reshape(codes.shape[0], k // st.lam_block, st.lam_block), axis=2).T
+    return {"w_codes": codes, "w_scale": layer.state["w_scale"], "colsum": colsum, "signs": layer.state["signs"],
+            "bias": layer.bias}
+
+
+def integer_apply(arrays: dict, static: Static, x, high=False):
+    """The integer path of one layer: online FWHT of x [..., in] (one pass), Λ per K-block of
+    ``lam_block``, dynamic per-token codes at 4 or 8 bits (``high``), shifted to int8 (q - 2^(b-1)),
+    an int8 x int8 -> int32 dot per K-block, the zero-point correction ``(2^(b-1) - z_t) colsum`` and
+    the float epilogue ``s_t s_w sum_b λ_b P_b + bias``."""
+    lead = x.shape[:-1]
+    xr = rotate(x, arrays["signs"], static.rot_block).reshape(-1, x.shape[-1])
+    k, blk = xr.shape[-1], static.lam_block
+    lam = channel_scale(xr, blk) if static.act_scale else jnp.ones((k,), jnp.float32)
+    high = jnp.asarray(high) & static.gbs
+    b = jnp.where(high, static.a_bits_high or static.a_bits, static.a_bits).astype(jnp.float32)
+    q, s_t, z_t = _token_codes(xr / lam, b)
+    c = 2.0 ** (b - 1)
+    qs = (q - c).astype(jnp.int8).reshape(-1, k // blk, blk)
+    wc = arrays["w_codes"].reshape(-1, k // blk, blk)
+    p = jax.lax.dot_general(qs, wc, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)  # [nb, T, out]
+    p = p + (c - z_t).astype(jnp.int32)[None] * arrays["colsum"][:, None, :]
+    lam_b = lam.reshape(-1, blk)[:, 0]
+    y = jnp.einsum("b,bto->to", lam_b, p.astype(jnp.float32)) * s_t * arrays["w_scale"][None, :]
+    if arrays.get("bias") is not None:
+        y = y + arrays["bias"].astype(jnp.float32)
+    return y.reshape(*lead, -1).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------ model level
