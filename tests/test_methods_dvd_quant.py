@@ -275,6 +275,16 @@ def test_cli_quantize_reads_no_prompts_and_generate_records_the_schedule(tmp_pat
     for entry in man["videos"]:
         sched = entry["bit_schedule"]
         assert len(sched) == 2 and all(len(c) == 4 and set(c) <= {4, 8} and c[0] == 8 for c in sched)
+    # integer path: export (rotation folded into int8 codes) -> generate --backend xla, same schedule rule
+    assert cli(["export", str(q), str(tmp_path / "int")]) == 0
+    iout = tmp_path / "vi"
+    assert cli(["generate", "--quantized", str(tmp_path / "int"), "--backend", "xla", "--prompts", str(prompts),
+                "--out", str(iout), *GEOM]) == 0
+    iman = json.loads((iout / "generation.json").read_text())
+    assert iman["videos"][0]["bit_schedule"] == man["videos"][0]["bit_schedule"]
+    a = np.load(out / man["videos"][0]["latents"])["latents"]
+    b = np.load(iout / iman["videos"][0]["latents"])["latents"]
+    assert 10 * np.log10(np.max(np.abs(a)) ** 2 / np.mean((a - b) ** 2)) > 40  # integer ~ fake quant (float order)
 
 
 # ------------------------------------------------------------------------------------------ integer form

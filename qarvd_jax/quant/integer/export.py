@@ -182,7 +182,10 @@ def export_model(model: nnx.Module, dtype: str | None = None, *, progress: bool 
     qlayers = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)]
     from qarvd_jax.quant.methods.model import iter_method_layers
 
-    no_int = {(layer.method, name) for name, layer in iter_method_layers(model)}
+    from qarvd_jax.quant import methods
+
+    no_int = {(layer.method, name) for name, layer in iter_method_layers(model)
+              if not hasattr(methods.get(layer.method), "export_integer_layer")}
     if no_int:
         method, name = sorted(no_int)[0]
         raise ValueError(f"method {method!r} has no integer form (layer {name} and {len(no_int) - 1} more); "
@@ -198,6 +201,12 @@ def export_model(model: nnx.Module, dtype: str | None = None, *, progress: bool 
                         "out_features": int(n), "w_bits": node.cfg.w_spec.bits, "a_bits": node.cfg.a_spec.bits,
                         "n_outlier": int(node.cfg.n_outlier), "has_bias": bias is not None,
                         "bytes": layer_bytes(arrays, k, n)}
+    for path, node in [(p, n) for p, n in nnx.iter_graph(model) if hasattr(n, "quantized_layer")]:
+        name = flax_path_to_torch_name(path)  # method layers with an integer form (dvd-quant)
+        _delete_path(params, path)
+        arrays, info = methods.get(node.method).export_integer_layer(node, np_dtype)
+        _set_path(int_tree, path, arrays)
+        layers[name] = {"path": [p if isinstance(p, int) else str(p) for p in path], **info}
     if not layers:
         raise ValueError("the model has no quantized layers (QuantLinear); export needs a `qarvd quantize` "
                          "checkpoint")

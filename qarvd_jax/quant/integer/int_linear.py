@@ -248,9 +248,15 @@ def load_integer_model(path: str | os.PathLike, backend: str = "xla", dtype: str
         if lpath not in by_path:
             continue
         name = by_path[lpath]
-        spec = IntLayerSpec.from_meta(name, meta["layers"][name])
-        layer = IntLinear(_node_at(trees["int"], lpath, path), spec, backend=backend, interpret=interpret,
-                          dtype=cfg.dtype)
+        if meta["layers"][name].get("method"):  # a method's own integer layer (dvd-quant)
+            from qarvd_jax.quant import methods
+
+            layer = methods.get(meta["layers"][name]["method"]).integer_module(
+                _node_at(trees["int"], lpath, path), meta["layers"][name], dtype=cfg.dtype)
+        else:
+            spec = IntLayerSpec.from_meta(name, meta["layers"][name])
+            layer = IntLinear(_node_at(trees["int"], lpath, path), spec, backend=backend, interpret=interpret,
+                              dtype=cfg.dtype)
         parent, key = _parent_and_key(model, lpath)
         if isinstance(key, int):
             parent[key] = layer

@@ -49,11 +49,12 @@ tuned on prompts, which would need data).
 Λ is per channel by default; ``lambda_block`` (e.g. 128, the kernel K-tile) makes it constant per K-block
 (the paper's "hardware-friendly block-wise" form), which the integer form needs.
 
-Integer form: :func:`integer_form` (int8 codes of the rotated int4 weights, the same for A4 and A8,
-per-K-block column sums) and :func:`integer_apply` (online FWHT, per-token dynamic codes, int8 x int8 ->
-int32 per K-block dot, zero-point correction and Λ in the epilogue) are tested against the fake-quant
-layer; they are not wired into ``qarvd export`` / ``generate --backend xla|pallas`` yet, which refuse the
-method (``HAS_INTEGER_FORM = False``).
+Integer form (``qarvd export``, ``qarvd generate --backend xla|pallas``): :func:`integer_form` (int8 codes
+q_w - z_w of the rotated int4 weights: the rotation is folded in and the same codes serve A4 and A8;
+per-K-block column sums) and :func:`integer_apply` (online FWHT as one pass, Λ, per-token dynamic codes,
+int8 x int8 -> int32 dot per K-block, zero-point correction and Λ in the epilogue), run by
+:class:`DVDIntLinear` with XLA's int8 dot on every backend (no Pallas kernel for it). Codes are stored one
+per int8 byte (not packed two per byte yet).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qarvd_jax.quant.fake_quant import QuantParams, QuantSpec, fake_quant, minmax_params, params_from_range
 from qarvd_jax.quant.hadamard import block_fwht, rotation_block
@@ -73,11 +75,12 @@ from qarvd_jax.quant.methods import base
 from qarvd_jax.quant.methods.base import QuantizedLayer
 
 NAME = "dvd-quant"
-HAS_INTEGER_FORM = False
+HAS_INTEGER_FORM = True  # its own integer layer (DVDIntLinear), not the QuantLinear layout
 
 __all__ = ["NAME", "Config", "Static", "BGRResult", "bgr_init", "bgr_step", "bgr_quantize", "rotate", "signs_for",
            "act_quant", "quantize_layer", "apply", "quantize_model", "needs_calibration", "weight_bytes",
-           "bit_switch_of", "rotation_blocks", "channel_scale", "integer_form", "integer_apply"]
+           "bit_switch_of", "rotation_blocks", "channel_scale", "integer_form", "integer_apply",
+           "export_integer_layer", "DVDIntLinear", "integer_module"]
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,50 @@ def integer_apply(arrays: dict, static: Static, x, high=False):
     return y.reshape(*lead, -1).astype(x.dtype)
 
 
+def export_integer_layer(node, bias_dtype) -> tuple[dict, dict]:
+    """``qarvd export`` of one dvd-quant MethodLinear: (host arrays, JSON metadata incl. bytes)."""
+    from qarvd_jax.quant.methods.base import static_to_dict
+
+    arrays = {k: np.asarray(v) for k, v in integer_form(node.quantized_layer()).items() if v is not None}
+    if "bias" in arrays:
+        arrays["bias"] = arrays["bias"].astype(bias_dtype)
+    k, n = node.kernel[...].shape
+    info = {"method": NAME, "static": static_to_dict(node.static), "in_features": int(k), "out_features": int(n),
+            "w_bits": node.static.w_spec.bits, "a_bits": node.static.a_bits, "n_outlier": 0,
+            "has_bias": "bias" in arrays,
+            "bytes": {"weight": int(arrays["w_codes"].nbytes), "total": int(sum(a.nbytes for a in arrays.values())),
+                      "bf16": 2 * (k * n + (n if "bias" in arrays else 0))}}
+    return arrays, info
+
+
+class DVDIntLinear(nnx.Module):
+    """The integer dvd-quant layer of ``qarvd generate --backend xla|pallas`` (XLA int8 dots for every
+    backend); ``q_act_high`` is the δ-GBS context leaf the pipeline fills, as in the fake-quant layer."""
+
+    def __init__(self, arrays: dict, info: dict, dtype=None):
+        from qarvd_jax.quant.integer.int_linear import IntState
+        from qarvd_jax.quant.methods.base import static_from_dict
+        from qarvd_jax.quant.qlinear import QuantState
+
+        self.names = tuple(sorted(arrays))
+        for k in self.names:
+            setattr(self, "i_" + k, IntState(jnp.asarray(arrays[k])))
+        self.static = static_from_dict(info["static"])
+        self.method = NAME
+        self.dtype = dtype
+        self.q_act_high = QuantState(jnp.zeros((), jnp.float32))
+        self.backend_label = "xla (dvd-quant)"
+
+    def __call__(self, x):
+        x = x.astype(self.dtype) if self.dtype is not None else x
+        arrays = {k: getattr(self, "i_" + k)[...] for k in self.names}
+        return integer_apply(arrays, self.static, x, self.q_act_high[...] > 0.5)
+
+
+def integer_module(arrays: dict, info: dict, dtype=None) -> DVDIntLinear:
+    return DVDIntLinear(arrays, info, dtype)
+
+
 # ------------------------------------------------------------------------------------------ model level
 def rotation_blocks(model) -> dict[str, int]:
     """``name -> Hadamard block`` of every dvd-quant layer (1: not rotated)."""
@@ -388,10 +435,10 @@ def bit_switch_of(model):
     """The δ-GBS controller (:class:`~qarvd_jax.quant.bit_switch.BitSwitch`) of a model with dvd-quant
     layers that switch bits, else None (the pipeline calls this)."""
     from qarvd_jax.quant.bit_switch import BitSwitch
-    from qarvd_jax.quant.methods.model import iter_method_layers
 
-    found = {BitSwitch(lyr.static.delta, lyr.static.gbs_init, lyr.static.a_bits, lyr.static.a_bits_high)
-             for _, lyr in iter_method_layers(model) if lyr.method == NAME and lyr.static.gbs}
+    found = {BitSwitch(n.static.delta, n.static.gbs_init, n.static.a_bits, n.static.a_bits_high)
+             for _, n in nnx.iter_graph(model)
+             if isinstance(getattr(n, "static", None), Static) and getattr(n, "method", None) == NAME and n.static.gbs}
     if len(found) > 1:
         raise ValueError(f"dvd-quant layers with different δ-GBS settings in one model: {sorted(map(str, found))}")
     return found.pop() if found else None
