@@ -92,6 +92,9 @@ def test_registry_and_configs(tmp_path):
     with pytest.raises(ValueError, match="unknown quantization method 'awq'; available: ") as err:
         methods.get("awq")
     assert all(n in str(err.value) for n in methods.available())
+    for name in methods.available():  # discovered from the files: each module names itself the same
+        m = methods.get(name)
+        assert m.NAME == name and callable(m.quantize_layer) and callable(m.quantize_model) and hasattr(m, "Config")
     for name in ours:
         m = methods.get(name)
         cfg = m.Config()

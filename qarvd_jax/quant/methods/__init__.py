@@ -8,8 +8,8 @@
     y = layer(x)                                                # x [..., in], pure and jit-able
     summary = m.quantize_model(model, calibration, cfg)        # the whole DiT, in place, by rules
 
-Every method is one module of this package listed in :data:`METHODS` (module name -> public name);
-adding a method means adding its file and one entry here. Shared pieces: :mod:`.base` (layer data,
+Every method is one module of this package, found by :data:`METHODS` (public name -> module name);
+adding a method means adding its file, nothing else. Shared pieces: :mod:`.base` (layer data,
 quantizers, :class:`~.base.MethodLinear`), :mod:`.model` (calibration collection, rules).
 """
 
@@ -20,16 +20,21 @@ from types import ModuleType
 
 __all__ = ["available", "get", "load_method_config", "Calibration", "MethodRule", "METHODS"]
 
-# public name -> module in this package
-METHODS = {
-    "rtn": "rtn",
-    "smoothquant": "smoothquant",
-    "gptq": "gptq",
-    "vidit-q": "vidit_q",
-    "svdquant": "svdquant",
-    "qarvd": "qarvd",
-    "dvd-quant": "dvd_quant",
-}
+# Modules of this package that are shared pieces, not methods.
+_NOT_METHODS = frozenset({"base", "model"})
+
+
+def _discover() -> dict[str, str]:
+    """public name -> module: every module file of this package but the shared ones, named by its file with
+    ``_`` -> ``-`` (``vidit_q.py`` -> ``vidit-q``; each module's ``NAME`` says the same, checked by the tests).
+    Found without importing, so ``available()`` stays import-light, and adding a method is adding its file."""
+    import pkgutil
+
+    return {m.name.replace("_", "-"): m.name for m in pkgutil.iter_modules(__path__)
+            if not m.name.startswith("_") and m.name not in _NOT_METHODS}
+
+
+METHODS = _discover()
 
 
 def available() -> tuple[str, ...]:
