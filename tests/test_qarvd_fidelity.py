@@ -5,7 +5,6 @@ and checked sensitivity vectors (file or --sensitivity-values)."""
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -87,8 +87,6 @@ def qat_config(args):
 
 
 def run_qat_command(args) -> int:
-    import os
-
     from qarvd_jax.cli._common import generate_config, require_prompts_with_checkpoint, sensitivity
     from qarvd_jax.train.data import PromptSource
     from qarvd_jax.train.qat import initialize_distributed, run_qat
