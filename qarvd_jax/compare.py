@@ -200,26 +200,26 @@ def plot_compare(report: Mapping, out_dir: str) -> None:
                if r["method"] == m]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     ax.set_xticks(range(len(settings)), settings)
-    ax.set_xlabel("bit setting")
-    ax.set_ylabel("latent PSNR vs FP (dB)")
-    ax.set_title("quality per bit setting")
-    if ok:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "quality.png"), dpi=100)
-    plt.close(fig)
+    _finish_plot(plt, fig, ax, "bit setting", "latent PSNR vs FP (dB)", "quality per bit setting", bool(ok), 8,
+                 os.path.join(out_dir, "quality.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in ok:
         mse = r.get("latent_mse_per_chunk") or []
         ax.plot(range(len(mse)), mse, marker=".", label=f"{r['method']} W{r['w_bits']}A{r['a_bits'] or 16}")
-    ax.set_xlabel("chunk")
-    ax.set_ylabel("latent MSE vs FP")
     ax.set_yscale("log")
-    ax.set_title("error per chunk")
-    if ok:
-        ax.legend(fontsize=6)
+    _finish_plot(plt, fig, ax, "chunk", "latent MSE vs FP", "error per chunk", bool(ok), 6,
+                 os.path.join(out_dir, "error_per_chunk.png"))
+
+
+def _finish_plot(plt, fig, ax, xlabel: str, ylabel: str, title: str, legend: bool, legend_size: int, path: str):
+    """Labels, optional legend, then save and close."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "error_per_chunk.png"), dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
