@@ -111,16 +111,22 @@ def prepare_student(dit, cfg: QATConfig):
 
     Returns ``(model, layer_configs)``.
     """
-    from qarvd_jax.models.wan.model import CausalWanModel
     from qarvd_jax.quant.calibration import prepare_quantized_model
+
+    model = fp32_master(dit, cfg)
+    layers = prepare_quantized_model(model, cfg.recipe())
+    return model, layers
+
+
+def fp32_master(dit, cfg: QATConfig):
+    """A float32-master copy of the FP ``dit`` computing in ``compute_dtype`` with the training attention."""
+    from qarvd_jax.models.wan.model import CausalWanModel
 
     mcfg = dit.config.replace(param_dtype="float32", dtype=cfg.compute_dtype, attention=cfg.attention)
     model = nnx.eval_shape(lambda: CausalWanModel(mcfg, rngs=nnx.Rngs(0)))
-    state = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                         nnx.state(dit))
-    nnx.update(model, state)
-    layers = prepare_quantized_model(model, cfg.recipe())
-    return model, layers
+    nnx.update(model, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                                   else x, nnx.state(dit)))
+    return model
 
 
 def calibrate_student(model, cfg: QATConfig, sampler, calib_embeds: np.ndarray, latent_shape, omega=None) -> None:
@@ -156,7 +162,7 @@ def _step_key(cfg: QATConfig) -> tuple:
 
 
 def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict, *, distiller: Distiller,
-               tx: optax.GradientTransformation, cfg: QATConfig):
+               tx: optax.GradientTransformation, cfg: QATConfig, hooks=None, teacher_distiller=None):
     """One QAT step (pure).
 
     Args:
@@ -164,9 +170,13 @@ def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict
       teacher: ``(trainable, frozen)`` states of the full-precision teacher (flags off).
       batch: ``embeds`` [B, Lc, text_dim] float32, ``prompt_id`` [B] int32 (B = global batch).
 
+      hooks / teacher_distiller: a method's :class:`~qarvd_jax.train.method_qat.MethodHooks` (frozen leaves
+        of the step, post-update transform, extra metrics) and its full-precision teacher's Distiller.
+
     Returns:
       ``(new_state, metrics)`` with metrics ``loss`` [], ``chunk_loss`` [K], ``grad_norm`` [], ``lr`` [].
     """
+    frozen = frozen if hooks is None else hooks.frozen_at(frozen, state.step)
     key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     b = batch["prompt_id"].shape[0]
     if cfg.resample_noise:
@@ -174,7 +184,7 @@ def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict
     else:
         keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(cfg.seed), p))(batch["prompt_id"])
     noise, renoise = distiller.sample_noise(keys)
-    traj = distiller.teacher_rollout(teacher, batch["embeds"], noise, renoise)
+    traj = (teacher_distiller or distiller).teacher_rollout(teacher, batch["embeds"], noise, renoise)
     if distiller.rollout_gradient == "per_call":
         (loss, aux), grads = distiller.student_loss_and_grad(state.trainable, frozen, batch["embeds"], traj)
     else:
@@ -184,6 +194,9 @@ def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict
     trainable = project_scales(optax.apply_updates(state.trainable, updates), cfg.min_scale)
     metrics = {"loss": loss, "chunk_loss": aux["chunk_loss"], "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(cfg, cfg.lr)(state.step + 1)}
+    if hooks is not None:
+        trainable = hooks.after_update(trainable, state.step + 1)
+        metrics.update(hooks.metrics(trainable, state.step + 1))
     new_state = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                            rng=jax.random.key_data(key))
     return new_state, metrics
@@ -204,17 +217,18 @@ class QATTrainer:
     """
 
     def __init__(self, model, cfg: QATConfig, mesh: Mesh, latent_shape, sampler, omega=None,
-                 jit_cache: dict | None = None, abstract: bool = False):
-        self.cfg, self.mesh = cfg, mesh
+                 jit_cache: dict | None = None, abstract: bool = False, hooks=None):
+        self.cfg, self.mesh, self.hooks = cfg, mesh, hooks
         self.rules = shd.rules_table(cfg.logical_axis_rules)
         batch_axes = self.rules.get("batch", ())
         check_batch_divisible(cfg.batch_size, mesh, batch_axes)
-        self.graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train_weights), ...)
+        filt = trainable_filter(cfg.train_weights) if hooks is None else hooks.trainable_filter()
+        self.graphdef, trainable, frozen = nnx.split(model, filt, ...)
         self.model_config = model.config
         self.layer_configs = {n: layer.cfg for n, layer in iter_quant_layers(model)}
         self.trainable_sh = shd.tree_shardings(trainable, mesh, self.rules)
         self.frozen_sh = shd.tree_shardings(frozen, mesh, self.rules)
-        self.tx = make_optimizer(cfg, trainable)
+        self.tx = make_optimizer(cfg, trainable) if hooks is None else hooks.optimizer(trainable)
         opt_shape = jax.eval_shape(self.tx.init, trainable)
         rep = shd.replicated(mesh)
         self.state_sh = TrainState(step=rep, trainable=self.trainable_sh,
@@ -235,23 +249,30 @@ class QATTrainer:
             # the frozen teacher's copy of trained weights is stored in the compute dtype (it computes in it)
             self.teacher = (_put(self._teacher_dtype(trainable), self.trainable_sh),
                             with_quant_flags(self.frozen, False))
-        self.distiller = Distiller(self.graphdef, model.config, latent_shape, sampler, omega=omega,
-                                   target=cfg.target, remat=cfg.remat,
-                                   batch_constraint=lambda nd: shd.batch_sharding(mesh, self.rules, nd),
-                                   rollout_gradient=cfg.rollout_gradient, block_plan=block_stack_plan(model),
-                                   scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
-                                   activation_sharding=shd.activation_sharding(mesh, self.rules))
+        self.distiller = self.make_distiller(self.graphdef, model, latent_shape, sampler, omega, hooks is not None)
+        teacher_sh, teacher_distiller = (self.trainable_sh, self.frozen_sh), None
+        if hooks is not None:  # a method's teacher: the full-precision graph, not the student with flags off
+            self.teacher, teacher_sh, teacher_distiller = hooks.teacher(self, latent_shape, sampler, omega, abstract)
+        self.teacher_sh = teacher_sh
         key = (self.graphdef, _step_key(cfg), tuple(latent_shape), sampler, None if omega is None else
-               tuple(np.asarray(omega, np.float32).tolist()), mesh)
+               tuple(np.asarray(omega, np.float32).tolist()), mesh, None if hooks is None else hooks.key())
         if jit_cache is not None and key in jit_cache:
             self.step_fn = jit_cache[key]
         else:
-            step = partial(train_step, distiller=self.distiller, tx=self.tx, cfg=cfg)
-            self.step_fn = jax.jit(step, in_shardings=(self.state_sh, self.frozen_sh,
-                                                       (self.trainable_sh, self.frozen_sh), self.batch_sh),
+            step = partial(train_step, distiller=self.distiller, tx=self.tx, cfg=cfg, hooks=hooks,
+                           teacher_distiller=teacher_distiller)
+            self.step_fn = jax.jit(step, in_shardings=(self.state_sh, self.frozen_sh, teacher_sh, self.batch_sh),
                                    out_shardings=(self.state_sh, rep), donate_argnums=(0,))
             if jit_cache is not None:
                 jit_cache[key] = self.step_fn
+
+    def make_distiller(self, graphdef, model, latent_shape, sampler, omega, step_context: bool) -> Distiller:
+        cfg, mesh = self.cfg, self.mesh
+        return Distiller(graphdef, model.config, latent_shape, sampler, omega=omega, target=cfg.target,
+                         remat=cfg.remat, batch_constraint=lambda nd: shd.batch_sharding(mesh, self.rules, nd),
+                         rollout_gradient=cfg.rollout_gradient, block_plan=block_stack_plan(model),
+                         scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+                         activation_sharding=shd.activation_sharding(mesh, self.rules), step_context=step_context)
 
     def _teacher_dtype(self, tree):
         if not self.cfg.train_weights:
@@ -274,6 +295,9 @@ class QATTrainer:
                                                 sharding=self.batch_sh["embeds"]),
                  "prompt_id": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self.batch_sh["prompt_id"])}
         teacher = (abstract_like(self._teacher_dtype(self._host_trainable), self.trainable_sh), frozen)
+        if self.hooks is not None:
+            teacher = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.teacher,
+                                   self.teacher_sh)
         return state, frozen, teacher, batch
 
     def init_state(self) -> TrainState:
@@ -295,7 +319,8 @@ class QATTrainer:
     def set_frozen(self, frozen: nnx.State) -> None:
         """Use restored frozen leaves (the teacher keeps its full-precision weights)."""
         self.frozen = frozen
-        self.teacher = (self.teacher[0], with_quant_flags(frozen, False))
+        if self.hooks is None:
+            self.teacher = (self.teacher[0], with_quant_flags(frozen, False))
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self.step_fn(state, self.frozen, self.teacher, batch)
@@ -312,6 +337,8 @@ class QATTrainer:
         else:
             trainable, frozen = jax.device_get((state.trainable, self.frozen))
         trained = nnx.merge(self.graphdef, trainable, frozen)
+        if self.hooks is not None:
+            return self.hooks.export(trained, fp_config)
         model = nnx.eval_shape(lambda: CausalWanModel(fp_config, rngs=nnx.Rngs(0)))
         install_layers(model, self.layer_configs,
                        {n: np.arange(c.n_outlier) for n, c in self.layer_configs.items() if c.n_outlier})
@@ -419,7 +446,7 @@ def _check_resume(meta: dict, cfg: QATConfig, directory: str, omega=None) -> Non
 
 def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_dir: str,
             sensitivity: str | None = None, mesh: Mesh | None = None, return_state: bool = False,
-            jit_cache: dict | None = None, profile: tuple[str, int, int] | None = None) -> QATResult:
+            jit_cache: dict | None = None, profile: tuple[str, int, int] | None = None, method=None) -> QATResult:
     """QAT of ``stack.dit`` into ``out_dir`` (resuming from ``out_dir/checkpoints`` when present).
 
     Args:
@@ -431,6 +458,8 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
       return_state: keep the final :class:`TrainState` in the result (tests).
       jit_cache: see :class:`QATTrainer` (reuse compiled steps across runs in one process).
       profile: ``(folder, start, stop)``: a ``jax.profiler`` trace of the 0-based steps [start, stop).
+      method: ``(name, Config)`` of a QAT method of :mod:`qarvd_jax.quant.methods` (``qvgen``, ``lsq``,
+        ``efficientdm``; :mod:`qarvd_jax.train.method_qat`); None: Q-ARVD's QAT.
 
     Metrics are fetched one step late (the host never waits for the step it just launched). A
     SIGTERM (preemption) saves a checkpoint after the running step and returns without the export;
@@ -459,11 +488,18 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     latest = ckpt.latest_step()
     data = PromptDataset.from_source(source, stack.embeds, global_batch=cfg.batch_size, seed=cfg.seed,
                                      preload=cfg.preload_embeddings)
-    model, _ = prepare_student(stack.dit, cfg)
-    if latest is None:
+    hooks = None
+    if method is not None:
+        from qarvd_jax.train.method_qat import MethodHooks
+
+        hooks = MethodHooks(*method, cfg)
+        model = hooks.prepare_student(stack, stack.embeds(read_prompts_range(source, 0, max(1, cfg.calib_prompts))))
+    else:
+        model, _ = prepare_student(stack.dit, cfg)
+    if latest is None and hooks is None:
         calib = read_prompts_range(source, 0, max(1, cfg.calib_prompts))
         calibrate_student(model, cfg, sampler, stack.embeds(calib), latent_shape, omega)
-    trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, omega, jit_cache=jit_cache)
+    trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, omega, jit_cache=jit_cache, hooks=hooks)
     del model
     log_path = os.path.join(out_dir, "train_log.jsonl")
     if latest is None:
@@ -472,6 +508,9 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
         abstract_state, abstract_frozen = trainer.abstract_state()
         meta = ckpt.read_meta(latest)
         _check_resume(meta, cfg, ckpt.directory, omega)
+        if meta.get("method") != (None if hooks is None else hooks.describe()):
+            raise ValueError(f"{ckpt.directory}: the checkpoint was trained with method {meta.get('method')}, this run "
+                             f"with {None if hooks is None else hooks.describe()}; use another --out")
         state, frozen, meta = ckpt.restore(latest, abstract_state, abstract_frozen)
         trainer.set_frozen(frozen)
         if meta["data_position"] != data.data_position(latest):
@@ -487,7 +526,8 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     def meta_for(step: int) -> dict:
         return {"step": step, "data_position": data.data_position(step), "global_batch": cfg.batch_size,
                 "schedule_steps": cfg.schedule_steps, "process_count": jax.process_count(),
-                "chunk_weights": None if omega is None else [float(v) for v in omega], "config": cfg.to_dict()}
+                "chunk_weights": None if omega is None else [float(v) for v in omega], "config": cfg.to_dict(),
+                "method": None if hooks is None else hooks.describe()}
 
     saved = latest
     bar = tqdm(total=cfg.steps, initial=start, desc="QAT", disable=not main)
@@ -499,7 +539,8 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
         m = jax.device_get(metrics)
         row = {"step": done, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                "lr": float(m["lr"]), "chunk_loss": [float(v) for v in m["chunk_loss"]],
-               "data_position": data.data_position(done), "time_s": round(time.perf_counter() - t0, 3)}
+               "data_position": data.data_position(done), "time_s": round(time.perf_counter() - t0, 3),
+               **{k: int(m[k]) for k in (hooks.log_keys if hooks is not None else ())}}
         rows.append(row)
         if main:
             _write_log(log_path, [row], mode="a")
@@ -550,8 +591,9 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     exported = trainer.export_model(state, stack.dit.config)
     if main:
         if rows:
-            plot_losses(rows, os.path.join(out_dir, "train_loss.png"))
-        meta = {"method": "qat", "qat": cfg.to_dict(), "sensitivity": sens, "steps": final,
+            (plot_losses if hooks is None else hooks.plot)(rows, os.path.join(out_dir, "train_loss.png"))
+        meta = {"method": "qat" if hooks is None else hooks.name, "qat": cfg.to_dict(), "sensitivity": sens,
+                "steps": final, **({} if hooks is None else {"method_config": hooks.describe()["config"]}),
                 "chunk_weights": None if omega is None else omega.tolist()}
         save_quantized(quant_dir, exported, metadata=meta, overwrite=True)  # host arrays, no cross-process sync
         from qarvd_jax.workflow import write_json

@@ -86,13 +86,17 @@ class Distiller:
       activation_sharding: optional ``(logical axes, shape) -> NamedSharding``
         (:func:`qarvd_jax.train.sharding.activation_sharding`): block activations, q/k/v and the
         stacked KV caches are constrained to ``batch`` / ``context`` / ``heads``.
+      step_context: (``per_call``) write the pass and chunk index into every ``step_index`` /
+        ``chunk_index`` leaf of the frozen state before each student call, as the pipeline does
+        (per-timestep quantizers of :mod:`qarvd_jax.quant.methods`); cross-attention K/V: step 0.
     """
 
     def __init__(self, graphdef, model_config, latent_shape, sampler: InferenceConfig, *, omega=None,
                  target: str = "flow", remat: bool = True, batch_constraint=None, rollout_gradient: str = "full",
                  block_plan=None, scan_layers: bool = True, remat_policy: str = "nothing_saveable",
-                 activation_sharding=None):
+                 activation_sharding=None, step_context: bool = False):
         cfg = model_config
+        self.step_context = step_context
         self.graphdef = graphdef
         self.model_config = cfg
         self.latent_shape = tuple(int(s) for s in latent_shape)
@@ -337,8 +341,13 @@ class Distiller:
         fr_rest, fr_blocks = self._split_blocks(frozen)
         diff = (tr_rest, tr_blocks)
 
-        def bind(d, remat):
-            return self._bind((d[0], fr_rest), (d[1], fr_blocks), remat)
+        def bind(d, remat, ctx=None):
+            fr = (fr_rest, fr_blocks)
+            if ctx is not None and self.step_context:
+                from qarvd_jax.pipeline.causal_inference import with_step_context
+
+                fr = with_step_context(fr, *ctx)
+            return self._bind((d[0], fr[0]), (d[1], fr[1]), remat)
 
         def cross_fn(d):
             model, blocks = bind(d, False)
@@ -346,8 +355,8 @@ class Distiller:
 
         cross, cross_vjp = jax.vjp(cross_fn, diff)
 
-        def call_loss(d, cross, cache, x_in, tau, y_flow, start, weight):
-            model, blocks = bind(d, True)
+        def call_loss(d, cross, cache, x_in, tau, y_flow, start, weight, ctx):
+            model, blocks = bind(d, True, ctx)
             t = jnp.full((b, fc), tau, jnp.float32)
             flow, new_cache = model.forward_chunk(x_in, t, cross, cache, start, blocks=blocks)
             pred, ref = flow.astype(jnp.float32), y_flow.astype(jnp.float32)
@@ -358,8 +367,8 @@ class Distiller:
 
         grad_call = jax.value_and_grad(call_loss, argnums=(0, 1), has_aux=True)
 
-        def context_call(cache, x_in, tau, start):
-            model, blocks = bind(diff, False)
+        def context_call(cache, x_in, tau, start, ctx):
+            model, blocks = bind(diff, False, ctx)
             t = jnp.full((b, fc), tau, jnp.float32)
             return model.forward_chunk(x_in, t, cross, cache, start, blocks=blocks)[1]
 
@@ -375,14 +384,15 @@ class Distiller:
 
             def one_pass(carry, inp):
                 cache, g_diff, g_cross = carry
-                x_in, tau, y_flow = inp
+                x_in, tau, y_flow, s = inp
                 (_, (mse, cache)), (gd, gc) = grad_call(diff, cross, jax.lax.stop_gradient(cache), x_in, tau, y_flow,
-                                                        start, weight)
+                                                        start, weight, (s, ci))
                 return (cache, add(g_diff, gd), add(g_cross, gc)), mse
 
-            carry, errs = jax.lax.scan(one_pass, carry, (inputs[:steps], taus[:steps], flows[:steps]))
+            carry, errs = jax.lax.scan(one_pass, carry, (inputs[:steps], taus[:steps], flows[:steps],
+                                                         jnp.arange(steps)))
             cache, g_diff, g_cross = carry
-            cache = context_call(cache, inputs[steps], taus[steps], start)  # forward only: refresh the cache
+            cache = context_call(cache, inputs[steps], taus[steps], start, (steps, ci))  # forward only: refresh
             return (cache, g_diff, g_cross), jnp.mean(errs)
 
         init = (self._init_stacked_cache(b), f32(diff), f32(cross))

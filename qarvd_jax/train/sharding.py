@@ -17,6 +17,10 @@ Linear / QuantLinear ``kernel``        [in, out]         (weight_in, weight_out)
                                                          ``o`` and ``ffn.2``: (row_in, row_out)
 Linear / QuantLinear ``bias``          [out]             (weight_out,)
 QuantState ``w_scale`` / ``w_zero``    [G, out]          (None, weight_out)
+MethodLinear ``q_w_scale`` / ``q_w_zero``  [out]         (weight_out,)
+MethodLinear ``q_*_down`` (Φ, LoRA)    [in, r]           (weight_in, None)
+MethodLinear ``q_*_up``                [r, out]          (None, weight_out); row-parallel layers use
+                                                         row_in / row_out as their kernels
 norm ``scale`` / ``bias``              [dim]             (embed,)
 block / head ``modulation``            [1, k, dim]       (None, None, embed)
 anything else (``a_scale`` [G],        any               replicated
@@ -159,6 +163,8 @@ def logical_axes(path, shape: Sequence[int]) -> tuple[str | None, ...]:
     """Logical axes of a state leaf from its pytree path and shape (the table in the module docstring)."""
     names = _names(path)
     leaf = names[-1] if names else None
+    if isinstance(leaf, str) and leaf.startswith("q_"):  # MethodLinear state (qarvd_jax.quant.methods)
+        return _method_axes(leaf[2:], len(shape), _row_parallel(names))
     parent = str(names[-2]) if len(names) > 1 else ""
     nd = len(shape)
     row = _row_parallel(names)
@@ -174,6 +180,17 @@ def logical_axes(path, shape: Sequence[int]) -> tuple[str | None, ...]:
         return ("weight_out",)
     if leaf == "modulation" and nd == 3:
         return (None, None, "embed")
+    return (None,) * nd
+
+
+def _method_axes(leaf: str, nd: int, row: bool) -> tuple[str | None, ...]:
+    w_in, w_out = ("row_in", "row_out") if row else ("weight_in", "weight_out")
+    if leaf in ("w_scale", "w_zero") and nd == 1:
+        return (w_out,)
+    if leaf.endswith("_down") and nd == 2:
+        return (w_in, None)
+    if leaf.endswith("_up") and nd == 2:
+        return (None, w_out)
     return (None,) * nd
 
 
