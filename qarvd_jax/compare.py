@@ -6,13 +6,17 @@ full-precision videos (:func:`qarvd_jax.eval.report.evaluate_folders`). A method
 reported in its row (``error``) and the run goes on. Outputs in ``DIR``::
 
     compare.json   {"fp": {"task_score", "weight_bytes", ...},
-                    "results": [{"method", "w_bits", "a_bits", "latent_psnr", "psnr", "ssim",
-                                 "latent_mse_per_chunk", "weight_bytes", "quantize_seconds", "task_score",
-                                 "error"}, ...]}
+                    "results": [{"method", "w_bits", "a_bits", "kv_cache", "latent_psnr", "psnr", "ssim",
+                                 "latent_mse_per_chunk", "latent_psnr_per_chunk", "weight_bytes",
+                                 "quantize_seconds", "task_score", "error"}, ...]}
     compare.md     table sorted by quality (latent PSNR, then PSNR; failed rows last)
     quality.png    latent PSNR per bit setting, one line per method
     error_per_chunk.png   latent MSE per chunk, one line per (method, bits)
-    fp/  runs/<method>-w<W>a<A>/{videos,latents,eval}
+    fp/  runs/<method>-w<W>a<A>[-kv<FMT>]/{videos,latents,eval}
+
+KV-cache formats (``kv_formats``, ``--kv bf16,int8,fp8,int4``): every (method, bits) runs with every
+format, and each quantized format also runs alone (``method`` ``"fp"``, full-precision weights), all
+against the same reference (full-precision weights, bf16 cache).
 
 ``task_score`` is the score on the task testbed; no testbed exists yet, so it is null everywhere.
 """
@@ -35,8 +39,8 @@ __all__ = ["parse_bits", "parse_method_overrides", "run_compare", "write_compare
 
 log = logging.getLogger(__name__)
 
-RESULT_KEYS = ("method", "w_bits", "a_bits", "latent_psnr", "psnr", "ssim", "latent_mse_per_chunk", "weight_bytes",
-               "quantize_seconds", "task_score", "error")
+RESULT_KEYS = ("method", "w_bits", "a_bits", "kv_cache", "latent_psnr", "psnr", "ssim", "latent_mse_per_chunk",
+               "latent_psnr_per_chunk", "weight_bytes", "quantize_seconds", "task_score", "error")
 
 
 def parse_bits(spec: str) -> list[tuple[int, int | None]]:
@@ -77,8 +81,8 @@ def parse_method_overrides(items: Sequence[str], names: Sequence[str]) -> dict[s
     return out
 
 
-def _run_dir(method: str, w: int, a: int | None) -> str:
-    return f"{method}-w{w}a{a or 16}"
+def _run_dir(method: str, w: int, a: int | None, kv: str = "bf16") -> str:
+    return f"{method}-w{w}a{a or 16}" + ("" if kv == "bf16" else f"-kv{kv}")
 
 
 def _quality_key(row: Mapping) -> tuple:
@@ -92,8 +96,12 @@ def _quality_key(row: Mapping) -> tuple:
 def run_compare(stack, method_names: Sequence[str], bits: Sequence[tuple[int, int | None]], prompts: Sequence[str],
                 calib_prompts: Sequence[str], *, seed: int, out_dir: str,
                 overrides: Mapping[str, Sequence[str]] | None = None, config_files: Mapping[str, str] | None = None,
-                sensitivity=None, progress: bool = True) -> dict:
+                sensitivity=None, progress: bool = True, kv_formats: Sequence[str] = ("bf16",)) -> dict:
     """Run the comparison (see the module docstring); returns the compare.json dict."""
+    import dataclasses
+
+    from qarvd_jax.models.wan.kv_quant import check_kv_format
+
     from qarvd_jax.eval.report import evaluate_folders
     from qarvd_jax.pipeline.text_to_video import TextToVideo
     from qarvd_jax.quant.methods import get, load_method_config
@@ -112,32 +120,38 @@ def run_compare(stack, method_names: Sequence[str], bits: Sequence[tuple[int, in
           "calibration_prompts": list(calib_prompts), "seed": seed, "dir": fp_dir,
           "note": "task_score: no task testbed exists yet (null); weight_bytes: every DiT param at 16 bits"}
     results = []
-    jobs = [(m, w, a) for m in method_names for w, a in bits]
+    kv_formats = [check_kv_format(f, "--kv") for f in kv_formats] or ["bf16"]
+    jobs = [("fp", 16, None, kv) for kv in kv_formats if kv != "bf16"]  # each cache format alone
+    jobs += [(m, w, a, kv) for m in method_names for w, a in bits for kv in kv_formats]
     bar = tqdm(jobs, desc="compare", unit="run", disable=not progress)
-    for mname, w, a in bar:
-        bar.set_postfix_str(f"{mname} w{w}a{a or 16}")
+    for mname, w, a, kv in bar:
+        bar.set_postfix_str(f"{mname} w{w}a{a or 16} kv {kv}")
         row = {k: None for k in RESULT_KEYS}
-        row.update(method=mname, w_bits=w, a_bits=a)
-        run_dir = os.path.join(out_dir, "runs", _run_dir(mname, w, a))
+        row.update(method=mname, w_bits=w, a_bits=a, kv_cache=kv)
+        run_dir = os.path.join(out_dir, "runs", _run_dir(mname, w, a, kv))
         try:
-            name = get(mname).NAME
-            row["method"] = name
-            cfg = load_method_config(name, config_files.get(mname),
-                                     [f"w_bits={w}", f"a_bits={'null' if a is None else a}", *overrides.get(mname, ())])
             t0 = time.perf_counter()
-            model, _ = quantize_copy(stack, name, cfg, calib_prompts, seed=seed, sensitivity=sensitivity)
+            if mname == "fp":
+                name, model = "fp", stack.dit
+            else:
+                name = get(mname).NAME
+                row["method"] = name
+                cfg = load_method_config(name, config_files.get(mname), [
+                    f"w_bits={w}", f"a_bits={'null' if a is None else a}", *overrides.get(mname, ())])
+                model, _ = quantize_copy(stack, name, cfg, calib_prompts, seed=seed, sensitivity=sensitivity)
             row["quantize_seconds"] = round(time.perf_counter() - t0, 3)
-            row["weight_bytes"] = model_weight_bytes(model)
-            t2v = TextToVideo(model, stack.t2v.vae, stack.t2v.encode_prompts, stack.t2v.pipeline.config,
-                              vae_config=stack.t2v.vae_config)
-            t2v.run(list(prompts), run_dir, **geom, settings={"method": name, "w_bits": w, "a_bits": a})
+            row["weight_bytes"] = fp_bytes if mname == "fp" else model_weight_bytes(model)
+            sampler = dataclasses.replace(stack.t2v.pipeline.config, kv_cache=kv)
+            t2v = TextToVideo(model, stack.t2v.vae, stack.t2v.encode_prompts, sampler, vae_config=stack.t2v.vae_config)
+            t2v.run(list(prompts), run_dir, **geom, settings={"method": name, "w_bits": w, "a_bits": a, "kv_cache": kv})
             agg = evaluate_folders(fp_dir, run_dir, os.path.join(run_dir, "eval"), progress=False)["aggregate"]
             row.update(latent_psnr=agg["latent_psnr"], psnr=agg["psnr"], ssim=agg["ssim"],
-                       latent_mse_per_chunk=agg["latent_mse_per_chunk"])
+                       latent_mse_per_chunk=agg["latent_mse_per_chunk"],
+                       latent_psnr_per_chunk=agg.get("latent_psnr_per_chunk"))
             del model, t2v
         except Exception as e:  # noqa: BLE001 - a failing method is reported in its row, the run goes on
             row["error"] = f"{type(e).__name__}: {e}"
-            log.warning("compare: %s w%sa%s failed: %s", mname, w, a or 16, row["error"])
+            log.warning("compare: %s w%sa%s kv %s failed: %s", mname, w, a or 16, kv, row["error"])
             log.debug("%s", traceback.format_exc())
         results.append(row)
     report = {"fp": fp, "results": results}
@@ -171,8 +185,8 @@ def write_compare_markdown(report: Mapping, path: str) -> None:
              f"{_fmt(fp['task_score'])} (no task testbed yet).", "",
              "Sorted by latent PSNR vs full precision (dB), then pixel PSNR.", "",
              "| rank | method | W/A | latent PSNR | PSNR | SSIM | final-chunk latent MSE | weights MiB | "
-             "quantize s | error |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "quantize s | KV cache | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         mse = r.get("latent_mse_per_chunk")
         wb = r.get("weight_bytes")
@@ -180,7 +194,7 @@ def write_compare_markdown(report: Mapping, path: str) -> None:
         lines.append(f"| {i} | {r['method']} | W{r['w_bits']}A{r['a_bits'] or 16} | {_fmt(r.get('latent_psnr'), 2)} | "
                      f"{_fmt(r.get('psnr'), 2)} | {_fmt(r.get('ssim'), 4)} | "
                      f"{_fmt(mse[-1], 6) if mse else '-'} | {_fmt(wb / 2 ** 20 if wb else None, 3)} | "
-                     f"{_fmt(r.get('quantize_seconds'), 1)} | {err or '-'} |")
+                     f"{_fmt(r.get('quantize_seconds'), 1)} | {r.get('kv_cache') or 'bf16'} | {err or '-'} |")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
 
@@ -195,9 +209,10 @@ def plot_compare(report: Mapping, out_dir: str) -> None:
     ok = [r for r in report["results"] if r.get("error") is None and r.get("latent_psnr") is not None]
     settings = list(dict.fromkeys(f"W{r['w_bits']}A{r['a_bits'] or 16}" for r in report["results"]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(r["method"] for r in ok):
+    kv = lambda r: "" if (r.get("kv_cache") or "bf16") == "bf16" else f" kv {r['kv_cache']}"
+    for m in dict.fromkeys(r["method"] + kv(r) for r in ok):
         pts = [(settings.index(f"W{r['w_bits']}A{r['a_bits'] or 16}"), r["latent_psnr"]) for r in ok
-               if r["method"] == m]
+               if r["method"] + kv(r) == m]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     ax.set_xticks(range(len(settings)), settings)
     _finish_plot(plt, fig, ax, "bit setting", "latent PSNR vs FP (dB)", "quality per bit setting", bool(ok), 8,
@@ -205,7 +220,7 @@ def plot_compare(report: Mapping, out_dir: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in ok:
         mse = r.get("latent_mse_per_chunk") or []
-        ax.plot(range(len(mse)), mse, marker=".", label=f"{r['method']} W{r['w_bits']}A{r['a_bits'] or 16}")
+        ax.plot(range(len(mse)), mse, marker=".", label=f"{r['method']} W{r['w_bits']}A{r['a_bits'] or 16}{kv(r)}")
     ax.set_yscale("log")
     _finish_plot(plt, fig, ax, "chunk", "latent MSE vs FP", "error per chunk", bool(ok), 6,
                  os.path.join(out_dir, "error_per_chunk.png"))

@@ -29,7 +29,7 @@ from qarvd_jax.utils.bench import device_header, peak_device_memory
 from qarvd_jax.models.wan.config import PRESETS
 from qarvd_jax.models.wan.model import CausalWanModel
 from qarvd_jax.models.wan_vae import WanVAE, WanVAEConfig, decode_chunks
-from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
+from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline, InferenceConfig
 
 
 def build_dit(args):
@@ -73,6 +73,8 @@ def main(argv=None) -> int:
                     help="fake-quant model, or the integer model on XLA / Pallas kernels (needs an export)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", help="attention implementation (default: the preset's; reference, blockwise, xla)")
+    ap.add_argument("--kv-cache", default="bf16", choices=["bf16", "int8", "fp8", "int4"],
+                    help="self-attention KV-cache format (default bf16: the float cache)")
     ap.add_argument("--num-frames", type=int, default=21, help="latent frames")
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     tiny = cfg.dim != PRESETS["selfforcing_1_3b"]().dim  # the real VAE goes with the real DiT
     vae_cfg = (WanVAEConfig.tiny() if tiny else WanVAEConfig.wan21()).replace(param_dtype=args.dtype, dtype=args.dtype)
     vae = WanVAE(vae_cfg, rngs=nnx.Rngs(1))
-    pipe = CausalInferencePipeline(dit)
+    pipe = CausalInferencePipeline(dit, InferenceConfig(kv_cache=args.kv_cache))
     h, w = args.height // vae_cfg.space_stride, args.width // vae_cfg.space_stride
     dt = jnp.dtype(args.dtype)
     noise = jax.random.normal(jax.random.key(0), (1, args.num_frames, cfg.in_dim, h, w), dt)
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     print(device_header())
     print(f"DiT {'quantized ' + args.quantized if args.quantized else args.preset} {args.dtype}; "
           f"{args.num_frames} latent frames {h}x{w} -> {frames} frames {args.height}x{args.width}; "
-          f"{pipe.num_denoising_steps} steps + context pass per chunk; VAE {'on' if decode else 'off'}")
+          f"{pipe.num_denoising_steps} steps + context pass per chunk; KV cache {args.kv_cache}; "
+          f"VAE {'on' if decode else 'off'}")
     print(f"warm-up video (compile + run): {warm:.1f} s; timed videos: {args.videos}")
     print("| chunk | DiT ms | VAE ms |\n|---|---|---|")
     for i, (a, b) in enumerate(zip(dit_ms, vae_ms)):

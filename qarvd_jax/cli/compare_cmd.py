@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--methods", default="rtn,smoothquant,gptq,vidit-q,svdquant,qarvd,dvd-quant",
                    help="comma-separated method names (qarvd_jax.quant.methods.available())")
     p.add_argument("--bits", default="w8a8,w4a8,w4a4", help="comma-separated wNaM settings (a16: FP activations)")
+    p.add_argument("--kv", "--kv-cache", default="bf16", help="comma-separated KV-cache formats (bf16, int8, fp8, "
+                   "int4): every method and bit setting runs with each, each quantized format also alone (fp "
+                   "weights); all against FP weights with the bf16 cache (KV cache column)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--calib-prompts", type=int, default=1, help="calibration videos (the first prompts; default 1)")
     p.add_argument("--num-prompts", type=int, help="evaluate on the first N prompts (default all)")
@@ -40,6 +43,9 @@ def run(args) -> int:
     for n in names:
         get(n)  # unknown names fail before any work, listing the available ones
     bits = parse_bits(args.bits)
+    from qarvd_jax.models.wan.kv_quant import check_kv_format
+
+    kv = [check_kv_format(f.strip(), "--kv") for f in args.kv.split(",") if f.strip()]
     overrides = parse_method_overrides(args.overrides, names)
     files = {}
     for item in args.config:
@@ -55,7 +61,8 @@ def run(args) -> int:
     eval_prompts = all_prompts[: args.num_prompts] if args.num_prompts else all_prompts
     stack = build_stack(generate_config(args), args.out)
     report = run_compare(stack, names, bits, eval_prompts, all_prompts[: args.calib_prompts], seed=args.seed,
-                         out_dir=args.out, overrides=overrides, config_files=files, sensitivity=sens)
+                         out_dir=args.out, overrides=overrides, config_files=files, sensitivity=sens,
+                         kv_formats=kv)
     failed = [r for r in report["results"] if r["error"]]
     print(open(f"{args.out}/compare.md").read())
     print(f"compare -> {args.out}/compare.json, compare.md, quality.png, error_per_chunk.png"

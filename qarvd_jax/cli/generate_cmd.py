@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--backend", choices=["fake", "xla", "pallas"], default="fake",
                    help="with --quantized: fake-quant float math (default), or the integer kernels via XLA or "
                    "Pallas (TPU / Hopper GPU)")
+    p.add_argument("--kv-cache", default="bf16", choices=["bf16", "int8", "fp8", "int4"],
+                   help="self-attention KV-cache format: bf16 (float, the compute dtype; default), int8, fp8 (e4m3) "
+                   "or int4 (packed); K scales per channel per frame, V per token (composes with --quantized)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompt i is seed + i")
     p.add_argument("--num-frames", type=positive_int, help="latent frames (21 -> 81 video frames; tiny default 6)")
     p.add_argument("--height", type=positive_int, help="pixels (default 480, tiny 64)")
@@ -34,13 +37,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from qarvd_jax.pipeline.causal_inference import InferenceConfig
     from qarvd_jax.pipeline.text_to_video import GenerateConfig, build_text_to_video, read_prompts
 
     prompts = read_prompts(args.prompts)
     cfg = GenerateConfig(seed=args.seed, num_frames=args.num_frames, height=args.height, width=args.width,
                          dtype=args.dtype, checkpoint=args.checkpoint, preset=args.preset, t5=args.t5,
                          tokenizer=args.tokenizer, vae=args.vae, embed_cache_dir=args.embed_cache,
-                         skip_existing=args.skip_existing)
+                         skip_existing=args.skip_existing, sampler=InferenceConfig(kv_cache=args.kv_cache))
     dit = None
     if args.backend != "fake" and not args.quantized:
         raise ValueError(f"--backend {args.backend} needs --quantized EXPORT (from `qarvd export`)")

@@ -53,18 +53,27 @@ def with_step_context(params, step, chunk, act_high=None):
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Sampler settings (defaults: Self-Forcing DMD, ``self_forcing_dmd.yaml``)."""
+    """Sampler settings (defaults: Self-Forcing DMD, ``self_forcing_dmd.yaml``).
+
+    ``kv_cache``: self-attention cache format, ``"bf16"`` (float, the compute dtype), ``"int8"``,
+    ``"fp8"`` or ``"int4"`` (:mod:`qarvd_jax.models.wan.kv_quant`); independent of the weights, so it
+    composes with every quantization method. ``kv_sink_float``: keep a rolling cache's sink frames in
+    the compute dtype as well (quantized formats).
+    """
 
     denoising_step_list: tuple[int, ...] = (1000, 750, 500, 250)
     warp_denoising_step: bool = True
     timestep_shift: float = 5.0
     num_train_timesteps: int = 1000
     context_noise: float = 0.0
+    kv_cache: str = "bf16"
+    kv_sink_float: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "denoising_step_list", tuple(int(s) for s in self.denoising_step_list))
         if not self.denoising_step_list:
             raise ValueError("denoising_step_list is empty")
+        kvc.kvq.check_kv_format(self.kv_cache, "kv_cache")
 
     def tables(self) -> sch.FlowMatchTables:
         return sch.flow_match_tables(self.timestep_shift, self.num_train_timesteps)
@@ -219,7 +228,8 @@ class CausalInferencePipeline:
         key = jax.random.key(seed) if renoise is None else None
 
         cross = self.cross_kv(prompt_embeds, cross_params)
-        cache = kvc.new_cache(cfg, b, f, fsl, noise.dtype)
+        cache = kvc.new_cache(cfg, b, f, fsl, noise.dtype, kv_cache=self.config.kv_cache,
+                              sink_float=self.config.kv_sink_float)
         for ci in range(num_chunks):
             chunk_noise = noise[:, ci * fc:(ci + 1) * fc]
             if renoise is not None:

@@ -10,6 +10,10 @@ An attention function has the signature::
   attends a fixed-size cache of which only a prefix is filled). Fused kernels can skip those
   blocks; the reference masks them.
 * Scale is 1/sqrt(D); no dropout, no bias.
+* With a quantized KV cache, ``k``/``v`` are :class:`~qarvd_jax.models.wan.kv_quant.QuantizedKV`
+  (logical shape [B, Lk, H, D]) for functions marked ``fn.quantized_kv = True``, which dequantize
+  inside (the reference path whole, the blockwise path one key block at a time); other functions get
+  them dequantized by the model.
 
 Register new implementations with :func:`register_attention`; pick one by name in the config.
 """
@@ -22,6 +26,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from qarvd_jax.models.wan import kv_quant as kvq
 
 __all__ = [
     "AttentionFn",
@@ -62,6 +68,7 @@ def _combined_mask(lq: int, lk: int, mask, kv_len):
 def reference_attention(q, k, v, *, mask=None, kv_len=None, precision=None):
     """Exact softmax attention in jnp: logits and softmax in float32, ``P @ V`` in v's dtype."""
     b, lq, h, d = q.shape
+    k, v = kvq.dense(k, q.dtype), kvq.dense(v, q.dtype)
     if k.shape[0] != b or k.shape[2:] != (h, d) or v.shape != k.shape:
         raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
     lk = k.shape[1]
@@ -101,6 +108,8 @@ def blockwise_attention(q, k, v, *, mask=None, kv_len=None, precision=None, bloc
         raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
     if lk <= block_k:
         return reference_attention(q, k, v, mask=mask, kv_len=kv_len, precision=precision)
+    if kvq.is_quantized(k) or kvq.is_quantized(v):
+        return _blockwise_quantized(q, k, v, mask, kv_len, precision, block_k)
     m = _combined_mask(lq, lk, mask, kv_len)
     nblk = -(-lk // block_k)
     pad = nblk * block_k - lk
@@ -115,23 +124,71 @@ def blockwise_attention(q, k, v, *, mask=None, kv_len=None, precision=None, bloc
     scale = 1.0 / np.sqrt(d)
 
     def step(carry, blk):
-        acc, row_max, denom = carry
         kj, vj, mj = blk
         s = jnp.einsum("bqhd,bkhd->bhqk", q, kj, preferred_element_type=jnp.float32, precision=precision) * scale
-        if mj is not None:
-            s = jnp.where(mj[None, None], s, -jnp.inf)
-        new_max = jnp.maximum(row_max, s.max(-1))
-        safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-        p = jnp.exp(s - safe_max[..., None])
-        corr = jnp.exp(jnp.where(jnp.isfinite(row_max), row_max, -jnp.inf) - safe_max)
-        denom = denom * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vj,
-                                                 preferred_element_type=jnp.float32, precision=precision)
-        return (acc, new_max, denom), None
+        return online_softmax_update(carry, s, mj, lambda p: jnp.einsum(
+            "bhqk,bkhd->bhqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32, precision=precision)), None
 
-    init = (jnp.zeros((b, h, lq, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32),
+    (acc, _, denom), _ = jax.lax.scan(step, online_softmax_init(b, h, lq, d), (kb, vb, mb))
+    return (acc / denom[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
+def online_softmax_init(b: int, h: int, lq: int, d: int):
+    """Carry ``(acc [B, H, Lq, D], row_max [B, H, Lq], denom [B, H, Lq])`` of :func:`online_softmax_update`."""
+    return (jnp.zeros((b, h, lq, d), jnp.float32), jnp.full((b, h, lq), -jnp.inf, jnp.float32),
             jnp.zeros((b, h, lq), jnp.float32))
-    (acc, _, denom), _ = jax.lax.scan(step, init, (kb, vb, mb))
+
+
+def online_softmax_update(carry, s, mj, pv):
+    """One key block of an online softmax: logits ``s`` [B, H, Lq, bk] (float32, scaled), validity
+    ``mj`` [1|Lq, bk] or None, ``pv``: unnormalised probabilities [B, H, Lq, bk] -> ``P @ V`` [B, H, Lq, D]
+    float32. The output is ``acc / denom`` after the last block."""
+    acc, row_max, denom = carry
+    if mj is not None:
+        s = jnp.where(mj[None, None], s, -jnp.inf)
+    new_max = jnp.maximum(row_max, s.max(-1))
+    safe_max = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+    p = jnp.exp(s - safe_max[..., None])
+    corr = jnp.exp(jnp.where(jnp.isfinite(row_max), row_max, -jnp.inf) - safe_max)
+    denom = denom * corr + p.sum(-1)
+    acc = acc * corr[..., None] + pv(p)
+    return acc, new_max, denom
+
+
+def kv_block_size(lk: int, block_k: int, *operands) -> int:
+    """Key block size for quantized K/V operands: a multiple of every operand's scale group that
+    divides ``lk`` (no padding of the codes), the largest one <= ``max(block_k, group)``."""
+    g = int(np.lcm.reduce([x.group for x in operands if kvq.is_quantized(x)] or [1]))
+    if lk % g:
+        raise ValueError(f"{lk} cached keys are not a multiple of the KV scale group ({g} tokens)")
+    ng = lk // g
+    m = max(c for c in range(1, ng + 1) if ng % c == 0 and c * g <= max(block_k, g))
+    return m * g
+
+
+def _blockwise_quantized(q, k, v, mask, kv_len, precision, block_k: int):
+    """:func:`blockwise_attention` over a quantized cache: each key block is dequantized (K and V
+    windows, :meth:`~qarvd_jax.models.wan.kv_quant.QuantizedKV.window`) inside the scan, so no float
+    copy of the whole cache exists."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    bk = kv_block_size(lk, block_k, k, v)
+    m = _combined_mask(lq, lk, mask, kv_len)
+    scale = 1.0 / np.sqrt(d)
+
+    def window(x, start):
+        return x.window(start, bk, q.dtype) if kvq.is_quantized(x) else jax.lax.dynamic_slice_in_dim(
+            x, start, bk, axis=1).astype(q.dtype)
+
+    def step(carry, j):
+        start = j * bk
+        kj, vj = window(k, start), window(v, start)
+        mj = None if m is None else jax.lax.dynamic_slice_in_dim(m, start, bk, axis=1)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, kj, preferred_element_type=jnp.float32, precision=precision) * scale
+        return online_softmax_update(carry, s, mj, lambda p: jnp.einsum(
+            "bhqk,bkhd->bhqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32, precision=precision)), None
+
+    (acc, _, denom), _ = jax.lax.scan(step, online_softmax_init(b, h, lq, d), jnp.arange(lk // bk))
     return (acc / denom[..., None]).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
@@ -277,6 +334,8 @@ def flash_attention(q, k, v, *, mask=None, kv_len=None, precision=None, block_k:
     return _flash(q, k, v, mask, None if kv_len is None else jnp.asarray(kv_len, jnp.int32), block_k, precision)
 
 
+reference_attention.quantized_kv = True
+blockwise_attention.quantized_kv = True
 register_attention("reference", reference_attention)
 register_attention("xla", xla_attention)
 register_attention("blockwise", blockwise_attention)
@@ -300,3 +359,6 @@ def block_causal_mask(num_frames: int, frame_seq_length: int, num_frame_per_bloc
         allowed &= fk >= end - local_attn_size
     np.fill_diagonal(allowed, True)
     return allowed
+
+
+from qarvd_jax.models.wan import sage_attention as _sage  # noqa: E402,F401  (registers sage_int8, sage_int8_fp8)

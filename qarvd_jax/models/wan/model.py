@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qarvd_jax.models.wan import kv_cache as kvc
+from qarvd_jax.models.wan import kv_quant as kvq
 from qarvd_jax.models.wan.attention import block_causal_mask, get_attention
 from qarvd_jax.models.wan.config import WanDiTConfig
 from qarvd_jax.models.wan.rope import apply_rope, rope_cos_sin, sinusoidal_embedding
@@ -192,6 +193,15 @@ def unpatchify(tokens: jax.Array, grid, patch_size, out_dim: int) -> jax.Array:
     pt, ph, pw = patch_size
     return einops.rearrange(tokens, "b (f h w) (pt ph pw c) -> b (f pt) c (h ph) (w pw)",
                             f=f, h=h, w=w, pt=pt, ph=ph, pw=pw, c=out_dim)
+
+
+def _kv_operand(x, dtype, attn_fn):
+    """A cache entry as the attention's K/V operand: a float array cast to ``dtype`` (as always); a
+    :class:`~qarvd_jax.models.wan.kv_quant.QuantizedKV` passed through to attention functions that
+    dequantize inside (``attn_fn.quantized_kv``), else dequantized whole here."""
+    if not kvq.is_quantized(x):
+        return x.astype(dtype)
+    return x if getattr(attn_fn, "quantized_kv", False) else kvq.dense(x, dtype)
 
 
 def _block_signature(blk: nnx.Module, state) -> tuple:
@@ -393,9 +403,12 @@ class CausalWanModel(nnx.Module):
         return self._run(x, t, kvc.CrossKV(ks, vs), attend, taps)
 
     # --------------------------------------------------------------------------- inference path
-    def init_cache(self, batch: int, num_frames: int, frame_seq_length: int, dtype=None) -> kvc.KVCache:
-        """Empty self-attention cache sized for ``num_frames`` latent frames (or the local window)."""
-        return kvc.new_cache(self.config, batch, num_frames, frame_seq_length, dtype)
+    def init_cache(self, batch: int, num_frames: int, frame_seq_length: int, dtype=None, *, kv_cache: str = "bf16",
+                   sink_float: bool = False) -> kvc.KVCache:
+        """Empty self-attention cache sized for ``num_frames`` latent frames (or the local window);
+        ``kv_cache``/``sink_float`` as :func:`~qarvd_jax.models.wan.kv_cache.new_cache`."""
+        return kvc.new_cache(self.config, batch, num_frames, frame_seq_length, dtype, kv_cache=kv_cache,
+                             sink_float=sink_float)
 
     def forward_chunk(self, x: jax.Array, t: jax.Array, cross: kvc.CrossKV, cache: kvc.KVCache,
                       current_start: jax.Array | int, *,
@@ -419,6 +432,9 @@ class CausalWanModel(nnx.Module):
         cache after the blocks. Same numbers as the per-layer path.
         """
         if blocks is not None:
+            if kvq.is_quantized(cache.k[0] if isinstance(cache.k, (tuple, list)) else cache.k):
+                raise ValueError("a quantized KV cache (kv_cache int8/fp8/int4) is for inference only: the stacked "
+                                 "training path (forward_chunk with blocks=...) needs the bf16 cache")
             return self._forward_chunk_blocks(x, t, cross, cache, current_start, blocks)
         cfg = self.config
         grid = self._grid(x)
@@ -437,7 +453,8 @@ class CausalWanModel(nnx.Module):
                 sink_tokens=cfg.sink_size * fsl)
             new_k[i], new_v[i] = kc, vc
             new_local[0] = local_end
-            out = attn_fn(q, kc.astype(q.dtype), vc.astype(q.dtype), kv_len=local_end, precision=prec)
+            out = attn_fn(q, _kv_operand(kc, q.dtype, attn_fn), _kv_operand(vc, q.dtype, attn_fn), kv_len=local_end,
+                          precision=prec)
             return attn.output(out)
 
         flow = self._run(x, t, cross, attend, None)
@@ -495,10 +512,7 @@ class CausalWanModel(nnx.Module):
         flow = unpatchify(self.head(h, e), grid, cfg.patch_size, cfg.out_dim)
         k_all, v_all = cache.k, cache.v
         if cfg.local_attn_size != -1:  # the same roll as advance_layer_cache, on every layer at once
-            rolled = cache.local_end - evicted - sink
-            idx = jnp.arange(cache_len, dtype=jnp.int32)
-            moving = (idx >= sink) & (idx < sink + rolled) & (evicted > 0)
-            src = jnp.where(moving, idx + evicted, idx)
+            src = kvc.roll_source(cache_len, cache.local_end, evicted, sink)
             k_all, v_all = jnp.take(k_all, src, axis=2), jnp.take(v_all, src, axis=2)
         slot = local_end - num_new
         k_all = jax.lax.dynamic_update_slice_in_dim(k_all, new_k, slot, axis=2)
