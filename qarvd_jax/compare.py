@@ -12,7 +12,11 @@ reported in its row (``error``) and the run goes on. Outputs in ``DIR``::
     compare.md     table sorted by quality (latent PSNR, then PSNR; failed rows last)
     quality.png    latent PSNR per bit setting, one line per method
     error_per_chunk.png   latent MSE per chunk, one line per (method, bits)
-    fp/  runs/<method>-w<W>a<A>[-kv<FMT>]/{videos,latents,eval}
+    fp/  runs/<method>-w<W>a<A>[-kv<FMT>]/{videos,latents,eval}   (QAT methods: also train/, its train_log.jsonl)
+
+QAT methods (``qvgen``, ``lsq``, ``efficientdm``: modules with ``QAT = True``) are trained for the same
+``steps`` budget each on the calibration prompts (:func:`qarvd_jax.train.method_qat.train_method_copy`,
+``qat_config`` the QATConfig; ``quantize_seconds`` then includes the training).
 
 KV-cache formats (``kv_formats``, ``--kv bf16,int8,fp8,int4``): every (method, bits) runs with every
 format, and each quantized format also runs alone (``method`` ``"fp"``, full-precision weights), all
@@ -96,7 +100,8 @@ def _quality_key(row: Mapping) -> tuple:
 def run_compare(stack, method_names: Sequence[str], bits: Sequence[tuple[int, int | None]], prompts: Sequence[str],
                 calib_prompts: Sequence[str], *, seed: int, out_dir: str,
                 overrides: Mapping[str, Sequence[str]] | None = None, config_files: Mapping[str, str] | None = None,
-                sensitivity=None, progress: bool = True, kv_formats: Sequence[str] = ("bf16",)) -> dict:
+                sensitivity=None, progress: bool = True, kv_formats: Sequence[str] = ("bf16",), steps: int = 20,
+                qat_config=None) -> dict:
     """Run the comparison (see the module docstring); returns the compare.json dict."""
     import dataclasses
 
@@ -138,7 +143,13 @@ def run_compare(stack, method_names: Sequence[str], bits: Sequence[tuple[int, in
                 row["method"] = name
                 cfg = load_method_config(name, config_files.get(mname), [
                     f"w_bits={w}", f"a_bits={'null' if a is None else a}", *overrides.get(mname, ())])
-                model, _ = quantize_copy(stack, name, cfg, calib_prompts, seed=seed, sensitivity=sensitivity)
+                if getattr(get(name), "QAT", False):  # the same --steps budget for every QAT method
+                    from qarvd_jax.train.method_qat import train_method_copy
+
+                    model = train_method_copy(stack, name, cfg, steps, calib_prompts, seed=seed, sensitivity=sensitivity,
+                                              out_dir=os.path.join(run_dir, "train"), qat_config=qat_config)
+                else:
+                    model, _ = quantize_copy(stack, name, cfg, calib_prompts, seed=seed, sensitivity=sensitivity)
             row["quantize_seconds"] = round(time.perf_counter() - t0, 3)
             row["weight_bytes"] = fp_bytes if mname == "fp" else model_weight_bytes(model)
             sampler = dataclasses.replace(stack.t2v.pipeline.config, kv_cache=kv)

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--calib-prompts", type=int, default=1, help="calibration videos (the first prompts; default 1)")
     p.add_argument("--num-prompts", type=int, help="evaluate on the first N prompts (default all)")
+    p.add_argument("--steps", type=int, default=20, help="training steps of every QAT method (qvgen, lsq, "
+                   "efficientdm: the same budget for each; default 20)")
+    p.add_argument("--qat-config", help="QATConfig YAML for the QAT methods' trainer (batch, dtype, mesh, ...)")
     p.add_argument("--sensitivity", help="sensitivity.json from `qarvd sensitivity` (Q-ARVD chunk weights)")
     p.add_argument("--config", action="append", default=[], metavar="METHOD=FILE",
                    help="YAML config of one method (repeatable), e.g. gptq=configs/methods/gptq.yaml")
@@ -59,10 +62,17 @@ def run(args) -> int:
             sens = json.load(fh)["sensitivity"]
     all_prompts = prompts(args)
     eval_prompts = all_prompts[: args.num_prompts] if args.num_prompts else all_prompts
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps} must be >= 1")
+    qat_cfg = None
+    if args.qat_config:
+        from qarvd_jax.train.config import load_qat_config
+
+        qat_cfg = load_qat_config(args.qat_config)
     stack = build_stack(generate_config(args), args.out)
     report = run_compare(stack, names, bits, eval_prompts, all_prompts[: args.calib_prompts], seed=args.seed,
                          out_dir=args.out, overrides=overrides, config_files=files, sensitivity=sens,
-                         kv_formats=kv)
+                         kv_formats=kv, steps=args.steps, qat_config=qat_cfg)
     failed = [r for r in report["results"] if r["error"]]
     print(open(f"{args.out}/compare.md").read())
     print(f"compare -> {args.out}/compare.json, compare.md, quality.png, error_per_chunk.png"

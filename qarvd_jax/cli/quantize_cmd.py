@@ -3,6 +3,8 @@
 * ``--method qarvd`` (default): the Q-ARVD post-training recipe.
 * ``--method qat``: quantization-aware training distilled from the full-precision model
   (:mod:`qarvd_jax.train`): sharded over a device mesh, multi-host capable, resumable.
+* ``--method qvgen|lsq|efficientdm`` (QAT methods of :mod:`qarvd_jax.quant.methods`): the same trainer
+  (:mod:`qarvd_jax.train.method_qat`); KEY=VALUE are the method's Config fields or QATConfig fields.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    if args.method == "qat":
+    from qarvd_jax.train.method_qat import is_qat_method
+
+    if args.method == "qat" or is_qat_method(args.method):
         return run_qat_command(args)
     import os
 
@@ -76,11 +80,11 @@ def run(args) -> int:
     return 0
 
 
-def qat_config(args):
+def qat_config(args, overrides=None):
     """QATConfig from --config / KEY=VALUE, then the flags --steps, --mesh, --distributed, --calib-prompts."""
     from qarvd_jax.train.config import load_qat_config
 
-    cfg = load_qat_config(args.config, args.overrides)
+    cfg = load_qat_config(args.config, args.overrides if overrides is None else overrides)
     flags = {"steps": args.steps, "mesh": args.mesh, "calib_prompts": args.calib_prompts,
              "distributed": True if args.distributed else None}
     return cfg.replace(**{k: v for k, v in flags.items() if v is not None})
@@ -93,7 +97,16 @@ def run_qat_command(args) -> int:
     from qarvd_jax.train.sharding import make_mesh
     from qarvd_jax.workflow import DEMO_PROMPTS, build_stack
 
-    cfg = qat_config(args)
+    method = None
+    if args.method != "qat":  # a QAT method: its Config fields from KEY=VALUE, the rest QATConfig
+        from qarvd_jax.quant.methods import load_method_config
+        from qarvd_jax.train.method_qat import split_overrides
+
+        mine, rest = split_overrides(args.method, args.overrides)
+        method = (args.method, load_method_config(args.method, None, mine))
+        cfg = qat_config(args, rest)
+    else:
+        cfg = qat_config(args)
     gen = generate_config(args)  # unknown --preset, bad sizes: errors before any work
     sens = sensitivity(args)
     require_prompts_with_checkpoint(args)
@@ -116,7 +129,7 @@ def run_qat_command(args) -> int:
         if not (a.isdigit() and b.isdigit() and int(a) < int(b)):
             raise ValueError(f"--profile-steps {args.profile_steps!r} must be START:STOP with START < STOP")
         profile = (args.profile, int(a), int(b))
-    res = run_qat(stack, cfg, source, out_dir=args.out, sensitivity=sens, mesh=mesh, profile=profile)
+    res = run_qat(stack, cfg, source, out_dir=args.out, sensitivity=sens, mesh=mesh, profile=profile, method=method)
     import jax
 
     if jax.process_index() == 0:

@@ -39,7 +39,7 @@ from flax import nnx
 __all__ = ["PlainStatic", "round_ste", "grad_scale", "lsq_weight", "mse_grid_init", "clip_dynamic_act", "lsq_act",
            "quant_input", "effective_weight", "plain_apply", "lowrank_factors", "logit", "integer_form",
            "integer_apply", "plain_weight_bytes", "TRAINABLE", "export_integer_layer",
-           "integer_module", "PlainIntLinear"]
+           "integer_module", "PlainIntLinear", "static_act_init"]
 
 # state names that training updates (the rest of a layer's state is frozen); Params are chosen per method
 TRAINABLE = ("w_scale", "w_zero", "clip_lo", "clip_hi", "a_scale", "a_offset", "lr_down", "lr_up", "lora_down",
@@ -77,6 +77,12 @@ def round_ste(x):
     return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
+def clamp(x, lo, hi):
+    """clip with gradient 1 on [lo, hi] *including* the bounds (``jnp.clip`` halves it at a tie, which a
+    rounded code equal to 0 or qmax is), 0 outside."""
+    return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
+
+
 def grad_scale(p, g):
     """Forward value p, gradient times g."""
     return p * g + jax.lax.stop_gradient(p - p * g)
@@ -89,7 +95,7 @@ def lsq_weight(w, scale, zero, bits: int):
     g = 1.0 / math.sqrt(w.shape[1] * qmax)
     s = grad_scale(scale, g)[:, None]
     z = grad_scale(zero, g)[:, None]
-    return s * (jnp.clip(round_ste(w / s + z), 0.0, qmax) - z)
+    return s * (clamp(round_ste(w / s + z), 0.0, qmax) - z)
 
 
 @jax.jit
@@ -119,6 +125,16 @@ def mse_grid_init(w, bits: int, power: float = 2.4) -> tuple[jax.Array, jax.Arra
     return _grid_search(jnp.asarray(w, jnp.float32), float(2 ** bits - 1), float(power))
 
 
+def static_act_init(x, bits: int, groups: int, max_values: int = 1 << 16, seed: int = 0):
+    """(a_scale [G], a_offset [G]) of the static per-tensor quantizer from calibration rows x [n, in]: the
+    MSE grid search over all values (a seeded subsample of ``max_values``), copied to every step group."""
+    v = np.asarray(x, np.float32).reshape(-1)
+    if v.size > max_values:
+        v = v[np.sort(np.random.default_rng(seed).choice(v.size, max_values, replace=False))]
+    s, z = mse_grid_init(v[None], bits)
+    return jnp.full((groups,), s[0], jnp.float32), jnp.full((groups,), -z[0] * s[0], jnp.float32)
+
+
 def clip_dynamic_act(x, lo_logit, hi_logit, bits: int):
     """QVGen's per-token dynamic activation quantizer with learnable clipping (logits are scalars)."""
     qmax = float(2 ** bits - 1)
@@ -128,7 +144,7 @@ def clip_dynamic_act(x, lo_logit, hi_logit, bits: int):
     hi = jax.nn.sigmoid(hi_logit) * jnp.maximum(jnp.max(xs, axis=-1, keepdims=True), 0.0)
     s = jnp.maximum((hi - lo) / qmax, 1e-9)
     z = jax.lax.stop_gradient(jnp.clip(-jnp.round(lo / s), 0.0, qmax))
-    return s * (jnp.clip(round_ste(xf / s) + z, 0.0, qmax) - z)
+    return s * (clamp(round_ste(xf / s) + z, 0.0, qmax) - z)
 
 
 def lsq_act(x, scale, offset, bits: int):
@@ -137,7 +153,7 @@ def lsq_act(x, scale, offset, bits: int):
     xf = jnp.asarray(x, jnp.float32)
     g = 1.0 / math.sqrt(xf.shape[-1] * qmax)
     s, b = grad_scale(scale, g), grad_scale(offset, g)
-    return s * jnp.clip(round_ste((xf - b) / s), 0.0, qmax) + b
+    return s * clamp(round_ste((xf - b) / s), 0.0, qmax) + b
 
 
 def quant_input(x, state, static: PlainStatic, step):

@@ -9,7 +9,8 @@ what differs from Q-ARVD's QAT lives here:
   ``needs_calibration``);
 * teacher: the frozen full-precision DiT as its own graph (:class:`MethodLinear` layers have no
   quantizer flags to switch off), in the compute dtype, sharded by the same rules;
-* trained leaves: every ``nnx.Param`` when the module's ``TRAIN_PARAMS`` (full fine-tune) plus the layer
+* trained leaves: every ``nnx.Param`` when the config's ``train_weights`` (else the module's ``TRAIN_PARAMS``;
+  full fine-tune) plus the layer
   state leaves the module's ``param_group(name)`` puts in a group; AdamW per group with the module's
   ``learning_rates(config)`` (``weight`` for Params), the QATConfig warm-up + cosine schedule, betas and
   eps, weight decay on Params only, global-norm clipping;
@@ -39,7 +40,7 @@ from qarvd_jax.train import sharding as shd
 from qarvd_jax.train.config import QATConfig
 from qarvd_jax.train.state import abstract_like, lr_schedule
 
-__all__ = ["MethodHooks", "map_layer_states", "is_qat_method", "split_overrides"]
+__all__ = ["MethodHooks", "map_layer_states", "is_qat_method", "split_overrides", "train_method_copy"]
 
 
 def is_qat_method(name: str) -> bool:
@@ -109,7 +110,8 @@ class MethodHooks:
                              f"per_call objective (rollout_gradient=per_call)")
         self.config, self.cfg = config, cfg
         make = getattr(self.module, "train_hooks", None)
-        self.layer_hooks = make(config, cfg.steps) if make is not None else None
+        # schedules over the lr schedule's length (lr_schedule_steps or steps): a resumed/extended run keeps them
+        self.layer_hooks = make(config, cfg.schedule_steps) if make is not None else None
         self.log_keys = tuple(getattr(self.layer_hooks, "log_keys", ()))
         self.fp_model = None
 
@@ -117,7 +119,7 @@ class MethodHooks:
         return {"name": self.name, "config": json_ready(dataclasses.asdict(self.config))}
 
     def key(self) -> tuple:
-        return (self.name, self.config, self.cfg.steps)
+        return (self.name, self.config, self.cfg.schedule_steps)
 
     # ------------------------------------------------------------------------------ student / teacher
     def prepare_student(self, stack, calib_embeds):
@@ -162,7 +164,8 @@ class MethodHooks:
 
         names = {"q_" + n for n in lsq_quant.TRAINABLE if self.module.param_group(n) is not None}
         is_state = lambda path, x: isinstance(x, QuantState) and bool(path) and path[-1] in names  # noqa: E731
-        return nnx.Any(nnx.Param, is_state) if getattr(self.module, "TRAIN_PARAMS", False) else is_state
+        full = getattr(self.config, "train_weights", getattr(self.module, "TRAIN_PARAMS", False))
+        return nnx.Any(nnx.Param, is_state) if full else is_state
 
     def _label(self, path, _x) -> str:
         leaf = shd._names(path)[-1]
@@ -268,3 +271,18 @@ def json_ready(d):
     if isinstance(d, (list, tuple)):
         return [json_ready(v) for v in d]
     return d
+
+
+def train_method_copy(stack, name: str, config, steps: int, prompts, *, out_dir: str, qat_config: QATConfig | None = None,
+                      seed: int = 0, sensitivity=None):
+    """``qarvd compare``'s QAT run: train ``name`` for ``steps`` steps on ``prompts`` into ``out_dir`` (resumes
+    there) and return the deployed model (loaded back from ``out_dir/quantized``)."""
+    from qarvd_jax.quant.checkpoint import load_quantized_model
+    from qarvd_jax.train.qat import run_qat
+
+    if steps < 1:
+        raise ValueError(f"--steps {steps} must be >= 1 for the QAT method {name}")
+    cfg = (qat_config or QATConfig()).replace(steps=int(steps), seed=seed)
+    res = run_qat(stack, cfg, list(prompts), out_dir=out_dir, sensitivity=sensitivity, method=(name, config))
+    model = load_quantized_model(res.quantized)
+    return model[0] if isinstance(model, tuple) else model
