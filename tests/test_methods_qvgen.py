@@ -207,6 +207,7 @@ def test_sharded_qvgen_step_matches_unsharded(stack):
                               init["blocks"][0]["ffn"]["layers"][0]["kernel"])  # full fine-tune
 
 
+@pytest.mark.slow  # ~100 s on 2 shared cores
 def test_kill_and_resume_mid_stage_is_bit_exact(stack, tmp_path):
     """6 steps straight == 3 steps (step 3 is inside stage [2, 4)) + resume to 6, bit for bit."""
     from qarvd_jax.train.qat import run_qat
