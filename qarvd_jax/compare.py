@@ -22,7 +22,8 @@ KV-cache formats (``kv_formats``, ``--kv bf16,int8,fp8,int4``): every (method, b
 format, and each quantized format also runs alone (``method`` ``"fp"``, full-precision weights), all
 against the same reference (full-precision weights, bf16 cache).
 
-``task_score`` is the score on the task testbed; no testbed exists yet, so it is null everywhere.
+``task_score`` is the testbed's task score (:mod:`qarvd_jax.testbed.score`, in [0, 1]) of the run's
+videos when the stack is the testbed (``--preset testbed``); null for any other model.
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ def run_compare(stack, method_names: Sequence[str], bits: Sequence[tuple[int, in
     fp_dir = os.path.join(out_dir, "fp")
     stack.t2v.run(list(prompts), fp_dir, **geom, settings={"method": "fp"})
     fp_bytes = int(sum(int(np.prod(v.shape)) * 2 for v in _params(stack.dit)))
-    fp = {"task_score": None, "weight_bytes": fp_bytes, "num_prompts": len(prompts),
-          "calibration_prompts": list(calib_prompts), "seed": seed, "dir": fp_dir,
-          "note": "task_score: no task testbed exists yet (null); weight_bytes: every DiT param at 16 bits"}
+    testbed = getattr(stack.t2v, "model_name", None) == "testbed"
+    fp = {"task_score": _task_score(fp_dir) if testbed else None, "weight_bytes": fp_bytes,
+          "num_prompts": len(prompts), "calibration_prompts": list(calib_prompts), "seed": seed, "dir": fp_dir,
+          "note": ("task_score: the testbed task score" if testbed else "task_score: null (only the testbed "
+                   "has a task score)") + "; weight_bytes: every DiT param at 16 bits"}
     results = []
     kv_formats = [check_kv_format(f, "--kv") for f in kv_formats] or ["bf16"]
     jobs = [("fp", 16, None, kv) for kv in kv_formats if kv != "bf16"]  # each cache format alone
@@ -153,12 +156,14 @@ def run_compare(stack, method_names: Sequence[str], bits: Sequence[tuple[int, in
             row["quantize_seconds"] = round(time.perf_counter() - t0, 3)
             row["weight_bytes"] = fp_bytes if mname == "fp" else model_weight_bytes(model)
             sampler = dataclasses.replace(stack.t2v.pipeline.config, kv_cache=kv)
-            t2v = TextToVideo(model, stack.t2v.vae, stack.t2v.encode_prompts, sampler, vae_config=stack.t2v.vae_config)
+            t2v = TextToVideo(model, stack.t2v.vae, stack.t2v.encode_prompts, sampler, vae_config=stack.t2v.vae_config,
+                              model_name=stack.t2v.model_name)
             t2v.run(list(prompts), run_dir, **geom, settings={"method": name, "w_bits": w, "a_bits": a, "kv_cache": kv})
             agg = evaluate_folders(fp_dir, run_dir, os.path.join(run_dir, "eval"), progress=False)["aggregate"]
             row.update(latent_psnr=agg["latent_psnr"], psnr=agg["psnr"], ssim=agg["ssim"],
                        latent_mse_per_chunk=agg["latent_mse_per_chunk"],
-                       latent_psnr_per_chunk=agg.get("latent_psnr_per_chunk"))
+                       latent_psnr_per_chunk=agg.get("latent_psnr_per_chunk"),
+                       task_score=_task_score(run_dir) if testbed else None)
             del model, t2v
         except Exception as e:  # noqa: BLE001 - a failing method is reported in its row, the run goes on
             row["error"] = f"{type(e).__name__}: {e}"
@@ -170,6 +175,13 @@ def run_compare(stack, method_names: Sequence[str], bits: Sequence[tuple[int, in
     write_compare_markdown(report, os.path.join(out_dir, "compare.md"))
     plot_compare(report, out_dir)
     return report
+
+
+def _task_score(folder: str):
+    from qarvd_jax.testbed.score import score_folder
+
+    scored = score_folder(folder)
+    return None if scored is None else round(scored["task_score"], 4)
 
 
 def _params(model):
@@ -193,11 +205,12 @@ def write_compare_markdown(report: Mapping, path: str) -> None:
     lines = ["# qarvd compare", "",
              f"Full precision: {fp['num_prompts']} prompts, seed {fp['seed']}, weights "
              f"{fp['weight_bytes'] / 2 ** 20:.3f} MiB (16-bit); task_score: "
-             f"{_fmt(fp['task_score'])} (no task testbed yet).", "",
+             f"{_fmt(fp['task_score'])}" + ("" if fp["task_score"] is not None else " (only the testbed has one)")
+             + ".", "",
              "Sorted by latent PSNR vs full precision (dB), then pixel PSNR.", "",
              "| rank | method | W/A | latent PSNR | PSNR | SSIM | final-chunk latent MSE | weights MiB | "
-             "quantize s | KV cache | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "quantize s | KV cache | task score | error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows, 1):
         mse = r.get("latent_mse_per_chunk")
         wb = r.get("weight_bytes")
@@ -205,7 +218,8 @@ def write_compare_markdown(report: Mapping, path: str) -> None:
         lines.append(f"| {i} | {r['method']} | W{r['w_bits']}A{r['a_bits'] or 16} | {_fmt(r.get('latent_psnr'), 2)} | "
                      f"{_fmt(r.get('psnr'), 2)} | {_fmt(r.get('ssim'), 4)} | "
                      f"{_fmt(mse[-1], 6) if mse else '-'} | {_fmt(wb / 2 ** 20 if wb else None, 3)} | "
-                     f"{_fmt(r.get('quantize_seconds'), 1)} | {r.get('kv_cache') or 'bf16'} | {err or '-'} |")
+                     f"{_fmt(r.get('quantize_seconds'), 1)} | {r.get('kv_cache') or 'bf16'} | "
+                     f"{_fmt(r.get('task_score'))} | {err or '-'} |")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
 

@@ -1,4 +1,5 @@
-"""``qarvd demo``: the four-step workflow end to end on the built-in tiny model, on CPU in minutes.
+"""``qarvd demo``: the four-step workflow end to end on a built-in model (default: the random tiny one; the
+testbed with ``preset="testbed"`` once its trained weights are present), on CPU in minutes.
 
 sensitivity -> quantize (Q-ARVD PTQ, plus a few QAT steps when available) -> generate full-precision
 and quantized videos with the same seeds -> evaluate. Writes ``OUT/report.json``::
@@ -18,7 +19,7 @@ import time
 
 from qarvd_jax.pipeline.text_to_video import GenerateConfig, TextToVideo
 from qarvd_jax.quant.recipe import QARVDConfig
-from qarvd_jax.workflow import DEMO_PROMPTS, build_stack, run_quantize_qarvd, run_sensitivity, write_json
+from qarvd_jax.workflow import build_stack, run_quantize_qarvd, run_sensitivity, write_json
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -27,11 +28,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo (defaults: about a minute per step on 2 CPU cores)."""
+    """Sizes of the demo. ``preset``: ``"tiny"`` (random weights, default) or ``"testbed"`` (trained weights
+    from :mod:`qarvd_jax.testbed`: real videos and a task score); geometry ``None``: the preset's (tiny 6
+    latent frames at 32 x 32, testbed 21 at 64 x 64)."""
 
-    num_frames: int = 6
-    height: int = 32
-    width: int = 32
+    preset: str = "tiny"
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
     num_prompts: int = 4
     sensitivity_prompts: int = 3
     recon_iters: int = 200
@@ -41,22 +45,28 @@ class DemoConfig:
 
 def _generate(stack, dit, prompts, out_dir: str, seed: int) -> None:
     t2v = TextToVideo(dit, stack.t2v.vae, stack.t2v.encode_prompts, stack.t2v.pipeline.config,
-                      vae_config=stack.t2v.vae_config)
+                      vae_config=stack.t2v.vae_config, model_name=stack.t2v.model_name)
     g = stack.gen
     t2v.run(prompts, out_dir, seed=seed, num_frames=g.num_frames, height=g.height, width=g.width)
 
 
 def run_demo(out_dir: str, cfg: DemoConfig = DemoConfig()) -> dict:
     """Run the four steps; returns (and writes to ``OUT/report.json``) the combined report."""
+    from qarvd_jax.cli._common import builtin_prompts
     from qarvd_jax.eval.report import evaluate_folders
     from qarvd_jax.quant.checkpoint import load_quantized_model
 
     os.makedirs(out_dir, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    gen = GenerateConfig(seed=cfg.seed, num_frames=cfg.num_frames, height=cfg.height, width=cfg.width)
+    if cfg.preset not in ("testbed", "tiny"):
+        raise ValueError(f"demo preset {cfg.preset!r}: the demo runs a built-in model, 'testbed' or 'tiny'")
+    small = cfg.preset == "tiny"  # the random tiny model: 6 latent frames at 32 x 32 unless told otherwise
+    gen = GenerateConfig(seed=cfg.seed, num_frames=cfg.num_frames or (6 if small else None),
+                         height=cfg.height or (32 if small else None), width=cfg.width or (32 if small else None),
+                         preset=cfg.preset)
     stack = build_stack(gen, out_dir)
-    prompts = list(DEMO_PROMPTS[: max(cfg.num_prompts, cfg.sensitivity_prompts + 1)])
+    prompts = builtin_prompts(cfg.preset)[: max(cfg.num_prompts, cfg.sensitivity_prompts + 1)]
     qcfg = QARVDConfig(iters=cfg.recon_iters)
 
     def lap(name):

@@ -8,7 +8,8 @@ from qarvd_jax.cli._types import positive_int
 def add_model_args(p) -> None:
     g = p.add_argument_group("models (omit all for the built-in tiny model)")
     g.add_argument("--checkpoint", help="DiT checkpoint (.pt/.pth/.safetensors or Orbax folder)")
-    g.add_argument("--preset", help="DiT config preset for --checkpoint (default selfforcing_1_3b)")
+    g.add_argument("--preset", help="DiT config preset for --checkpoint (default selfforcing_1_3b); 'testbed': the "
+                   "built-in trained mini model (no checkpoint needed; 21 latent frames at 64 x 64)")
     g.add_argument("--t5", help="models_t5_umt5-xxl-enc-bf16.pth")
     g.add_argument("--tokenizer", help="tokenizer.json of google/umt5-xxl")
     g.add_argument("--vae", help="Wan2.1_VAE.pth")
@@ -19,7 +20,7 @@ def add_model_args(p) -> None:
     g.add_argument("--embed-cache", help="prompt-embedding cache folder")
     p.add_argument("--prompts", help="prompt file, one per line; required with --checkpoint (the original "
                    "calibrates on MovieGenVideoBench_extended.txt, see the README); default for the built-in "
-                   "tiny model: 8 demo prompts")
+                   "tiny model: 8 demo prompts; for --preset testbed: the 60 held-out captions of its grammar")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -40,16 +41,27 @@ def prompts(args) -> list[str]:
     """``--prompts`` file, or the demo prompts for the built-in model. With a real ``--checkpoint`` a prompt
     file is required: calibrating a real model on 8 demo prompts would silently change the method."""
     from qarvd_jax.pipeline.text_to_video import read_prompts
-    from qarvd_jax.workflow import DEMO_PROMPTS
 
     if args.prompts:
         return read_prompts(args.prompts)
     require_prompts_with_checkpoint(args)
+    return builtin_prompts(getattr(args, "preset", None))
+
+
+def builtin_prompts(preset: str | None) -> list[str]:
+    """The default prompts of a built-in model: the testbed's held-out captions, else the demo prompts."""
+    from qarvd_jax.workflow import DEMO_PROMPTS
+
+    if preset == "testbed":
+        from qarvd_jax.testbed.config import held_out_prompts
+
+        return held_out_prompts()
     return list(DEMO_PROMPTS)
 
 
 def require_prompts_with_checkpoint(args) -> None:
-    if getattr(args, "checkpoint", None) and not getattr(args, "prompts", None) and not getattr(args, "tfds", None):
+    if (getattr(args, "checkpoint", None) and getattr(args, "preset", None) != "testbed"
+            and not getattr(args, "prompts", None) and not getattr(args, "tfds", None)):
         raise ValueError(f"qarvd {args.command} with --checkpoint needs --prompts FILE (calibration prompts; the "
                          "original uses MovieGenVideoBench_extended.txt from the Self-Forcing repository, see the "
                          "README); the built-in demo prompts are only for the built-in tiny model")

@@ -1,4 +1,4 @@
-"""``qarvd demo --out DIR``: sensitivity -> quantize -> generate -> evaluate on the built-in tiny model."""
+"""``qarvd demo --out DIR``: sensitivity -> quantize -> generate -> evaluate on a built-in model (tiny or testbed)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ from qarvd_jax.cli._types import nonnegative_int, positive_int
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the four-step workflow on the built-in tiny model (CPU, minutes)",
+    p = sub.add_parser("demo", help="run the four-step workflow on a built-in model (CPU, minutes)",
                        description="Step 1 chunk sensitivity, step 2 Q-ARVD post-training quantization (and a few "
                        "QAT steps), step 3 full-precision and quantized videos with the same seeds, step 4 "
                        "evaluation. Writes OUT/report.json (sensitivity + metrics), reports and plots.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=["tiny", "testbed"], default="tiny",
+                   help="built-in model: tiny (random weights, default) or testbed (the trained mini ARVD; needs its "
+                   "weights, see docs/testbed.md)")
     p.add_argument("--num-prompts", type=positive_int, default=4,
                    help="videos generated and evaluated per model")
     p.add_argument("--recon-iters", type=nonnegative_int, default=200,
@@ -25,7 +28,7 @@ def run(args) -> int:
 
     from qarvd_jax.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(seed=args.seed, num_prompts=args.num_prompts, recon_iters=args.recon_iters,
+    cfg = DemoConfig(preset=args.preset, seed=args.seed, num_prompts=args.num_prompts, recon_iters=args.recon_iters,
                      qat_steps=args.qat_steps)
     report = run_demo(args.out, cfg)
     print("sensitivity per chunk:", ", ".join(f"{s:.3f}" for s in report["sensitivity"]))

@@ -10,10 +10,12 @@ def register(sub) -> None:
                        description="One mp4 per prompt (16 fps, VBench naming <prompt>-<i>.mp4), latents .npz and "
                        "generation.json. Without --checkpoint/--t5/--vae/--tokenizer the built-in tiny model runs "
                        "on CPU with random weights.")
-    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--prompts", help="text file, one prompt per line (required, except with --preset testbed: "
+                   "then the held-out captions of its grammar)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint", help="DiT checkpoint (.pt/.pth/.safetensors or Orbax folder)")
-    p.add_argument("--preset", help="DiT config preset for --checkpoint (default selfforcing_1_3b)")
+    p.add_argument("--preset", help="DiT config preset for --checkpoint (default selfforcing_1_3b); 'testbed': the "
+                   "built-in trained mini model (no checkpoint needed)")
     p.add_argument("--t5", help="models_t5_umt5-xxl-enc-bf16.pth")
     p.add_argument("--tokenizer", help="tokenizer.json of google/umt5-xxl (local path)")
     p.add_argument("--vae", help="Wan2.1_VAE.pth")
@@ -40,7 +42,14 @@ def run(args) -> int:
     from qarvd_jax.pipeline.causal_inference import InferenceConfig
     from qarvd_jax.pipeline.text_to_video import GenerateConfig, build_text_to_video, read_prompts
 
-    prompts = read_prompts(args.prompts)
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    elif args.preset == "testbed":
+        from qarvd_jax.cli._common import builtin_prompts
+
+        prompts = builtin_prompts("testbed")
+    else:
+        raise ValueError("qarvd generate needs --prompts FILE (only --preset testbed has default prompts)")
     cfg = GenerateConfig(seed=args.seed, num_frames=args.num_frames, height=args.height, width=args.width,
                          dtype=args.dtype, checkpoint=args.checkpoint, preset=args.preset, t5=args.t5,
                          tokenizer=args.tokenizer, vae=args.vae, embed_cache_dir=args.embed_cache,
@@ -62,7 +71,7 @@ def run(args) -> int:
     t2v, cfg = build_text_to_video(cfg, args.out, dit=dit)
     manifest = t2v.run(prompts, args.out, seed=cfg.seed, num_frames=cfg.num_frames, height=cfg.height,
                        width=cfg.width, skip_existing=cfg.skip_existing,
-                       settings={"checkpoint": cfg.checkpoint or "builtin-tiny", "quantized": args.quantized,
+                       settings={"checkpoint": cfg.checkpoint or f"builtin-{cfg.preset or 'tiny'}", "quantized": args.quantized,
                                  "backend": args.backend if args.quantized else None})
     print(f"wrote {len(manifest['videos'])} videos to {args.out}/videos (latents in {args.out}/latents)")
     return 0

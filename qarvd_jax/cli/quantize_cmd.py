@@ -91,11 +91,11 @@ def qat_config(args, overrides=None):
 
 
 def run_qat_command(args) -> int:
-    from qarvd_jax.cli._common import generate_config, require_prompts_with_checkpoint, sensitivity
+    from qarvd_jax.cli._common import builtin_prompts, generate_config, require_prompts_with_checkpoint, sensitivity
     from qarvd_jax.train.data import PromptSource
     from qarvd_jax.train.qat import initialize_distributed, run_qat
     from qarvd_jax.train.sharding import make_mesh
-    from qarvd_jax.workflow import DEMO_PROMPTS, build_stack
+    from qarvd_jax.workflow import build_stack
 
     method = None
     if args.method != "qat":  # a QAT method: its Config fields from KEY=VALUE, the rest QATConfig
@@ -121,7 +121,7 @@ def run_qat_command(args) -> int:
     elif args.prompts:
         source = PromptSource(prompts_file=args.prompts, max_prompts=cfg.max_prompts)
     else:
-        source = PromptSource(prompts=DEMO_PROMPTS, max_prompts=cfg.max_prompts)
+        source = PromptSource(prompts=builtin_prompts(args.preset), max_prompts=cfg.max_prompts)
     stack = build_stack(gen, args.out)
     profile = None
     if args.profile:

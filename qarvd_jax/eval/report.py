@@ -288,8 +288,26 @@ def evaluate_folders(ref_dir: str | os.PathLike, test_dir: str | os.PathLike, ou
         "per_video": per_video,
         "aggregate": _aggregate(per_video, fvd),
     }
+    report["aggregate"].update(_task_scores(ref_dir, test_dir))
     write_report_files(report, out_dir)
     return report
+
+
+def _task_scores(ref_dir: str, test_dir: str) -> dict:
+    """``task_score`` (test) and ``task_score_ref`` with their parts when the test folder is a testbed
+    generation (:mod:`qarvd_jax.testbed.score`); both None otherwise."""
+    from qarvd_jax.testbed.score import PARTS, is_testbed_folder, score_folder
+
+    out = {"task_score": None, "task_score_ref": None, "task_score_parts": None}
+    if not is_testbed_folder(test_dir):
+        return out
+    test = score_folder(test_dir)
+    ref = score_folder(ref_dir) if is_testbed_folder(ref_dir) else None
+    if test is not None:
+        out.update(task_score=test["task_score"], task_score_parts={k: test[k] for k in (*PARTS, "presence")})
+    if ref is not None:
+        out["task_score_ref"] = ref["task_score"]
+    return out
 
 
 REPORT_FILES = ("error_per_chunk.png", "psnr_ssim_per_frame.png", "report.md", "report.json")
@@ -344,7 +362,9 @@ def write_markdown(report: dict, path: str) -> None:
         ["latent MSE (mean over chunks, videos)", agg["latent_mse"]],
         ["latent PSNR dB (mean over chunks, videos)", agg["latent_psnr"]],
         ["PSNR dB (mean over frames, videos)", agg["psnr"]], ["SSIM", agg["ssim"]],
-        ["LPIPS-FP", agg["lpips_fp"]], ["FVD-FP", agg["fvd_fp"]]])
+        ["LPIPS-FP", agg["lpips_fp"]], ["FVD-FP", agg["fvd_fp"]],
+        *([["task score (testbed; reference)", f"{agg['task_score']:.3f} ({_fmt(agg.get('task_score_ref'))})"]]
+          if agg.get("task_score") is not None else [])])
     if agg["latent_mse_per_chunk"]:
         lines += ["## Latent error per chunk (mean over videos)", ""]
         lines += _md_table(["chunk", "latent MSE", "latent PSNR dB"],

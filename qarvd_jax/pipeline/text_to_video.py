@@ -125,8 +125,9 @@ class TextToVideo:
     """
 
     def __init__(self, dit, vae, encode_prompts: Callable[[list[str]], np.ndarray],
-                 sampler: InferenceConfig | None = None, vae_config=None):
+                 sampler: InferenceConfig | None = None, vae_config=None, model_name: str | None = None):
         self.dit = dit
+        self.model_name = model_name  # recorded in generation.json ("testbed": videos get a task score)
         self._vae = vae
         self.vae_config = vae_config if vae_config is not None else vae.config
         self.encode_prompts = encode_prompts
@@ -187,7 +188,8 @@ class TextToVideo:
                 raise PermissionError(f"cannot create output folder {d}: {e.strerror or e}") from e
             if not os.access(d, os.W_OK):
                 raise PermissionError(f"output folder {d} is not writable")
-        run_settings = {"seed": seed, "num_frames": num_frames, "height": height, "width": width, "fps": FPS,
+        run_settings = {**({"model": self.model_name} if self.model_name else {}),
+                        "seed": seed, "num_frames": num_frames, "height": height, "width": width, "fps": FPS,
                         "dit": self.dit.config.to_dict(), "sampler": dataclasses.asdict(self.pipeline.config),
                         **(settings or {})}
         embeds = self.encode_prompts(list(prompts))
@@ -268,6 +270,8 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
     from qarvd_jax.models.wan_vae import (WanVAE, WanVAEConfig, load_wan_vae, to_torch_state_dict,
                                           wan_vae_from_state_dict)
 
+    if cfg.preset == "testbed":
+        return _build_testbed(cfg, out_dir, dit)
     real = bool(cfg.checkpoint or cfg.t5 or cfg.vae)
     if real and not (cfg.checkpoint and cfg.t5 and cfg.vae and cfg.tokenizer):
         missing = [n for n in ("checkpoint", "t5", "vae", "tokenizer") if not getattr(cfg, n)]
@@ -326,3 +330,32 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
         return out
 
     return TextToVideo(dit, vae, encode, cfg.sampler, vae_config=vae_config), cfg
+
+
+def _build_testbed(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[TextToVideo, GenerateConfig]:
+    """The trained testbed stack (:mod:`qarvd_jax.testbed`): its shipped DiT (or ``--checkpoint``, a DiT
+    of the testbed architecture), VAE and umT5, its recorded sampler (the KV-cache format from ``cfg``)
+    and geometry (21 latent frames, 64 x 64)."""
+    from convert.wan_dit import load_model
+    from qarvd_jax.models.umt5 import ToyTokenizer, encode_with_cache, make_prompt_encoder
+    from qarvd_jax.testbed.config import TEXT_LEN, load_models
+
+    if cfg.t5 or cfg.vae or cfg.tokenizer:
+        raise ValueError("--preset testbed brings its own VAE, text encoder and tokenizer: drop --t5/--vae/--tokenizer")
+    dtype = cfg.dtype or "float32"
+    spec, shipped_dit, vae, t5 = load_models(dtype)
+    if dit is None:
+        dit = load_model(cfg.checkpoint, spec.dit.replace(param_dtype=dtype, dtype=dtype)) if cfg.checkpoint \
+            else shipped_dit
+    cfg = dataclasses.replace(cfg, num_frames=cfg.num_frames or spec.num_frames, height=cfg.height or spec.height,
+                              width=cfg.width or spec.width, dtype=dtype)
+    sampler = dataclasses.replace(spec.sampler, **{f.name: getattr(cfg.sampler, f.name)
+                                                   for f in dataclasses.fields(cfg.sampler) if f.name.startswith("kv_")})
+    encoder = make_prompt_encoder(t5, ToyTokenizer(t5.config.vocab_size, TEXT_LEN))
+    cache_dir = cfg.embed_cache_dir or os.path.join(out_dir, "prompt_embeds_cache")
+    encoder_id = f"builtin-testbed-umt5-{spec.info.get('umt5_sha256', 'untracked')[:16]}"
+
+    def encode(prompts: list[str]) -> np.ndarray:
+        return encode_with_cache(prompts, encoder, cache_dir, encoder_id, text_len=TEXT_LEN)
+
+    return TextToVideo(dit, vae, encode, sampler, vae_config=vae.config, model_name="testbed"), cfg

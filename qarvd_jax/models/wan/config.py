@@ -152,13 +152,22 @@ class WanDiTConfig:
         return cls(**base)
 
 
+def _testbed(**overrides: Any) -> WanDiTConfig:
+    """The trained testbed DiT (:mod:`qarvd_jax.testbed`: dim 128, 4 blocks, weights in the package)."""
+    from qarvd_jax.testbed.config import dit_config
+
+    return dit_config(**overrides)
+
+
 PRESETS = {
     "selfforcing_1_3b": WanDiTConfig.selfforcing_1_3b,
     "1.3b": WanDiTConfig.selfforcing_1_3b,
     "tiny": WanDiTConfig.tiny,
+    "testbed": _testbed,
 }
 # Presets whose weights ship with the package (they run without --checkpoint); the others need one.
-BUILTIN_WEIGHT_PRESETS = ("tiny",)
+# ``tiny`` is random (seeded); ``testbed`` is trained (scripts/train_testbed.py).
+BUILTIN_WEIGHT_PRESETS = ("tiny", "testbed")
 
 
 def check_preset(preset: str | None, has_checkpoint: bool) -> None:

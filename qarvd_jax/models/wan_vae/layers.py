@@ -101,12 +101,32 @@ class CausalConv3d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype))
 
     def conv(self, x: jax.Array) -> jax.Array:
-        """The convolution on already time-padded ``x`` (no temporal padding is added)."""
+        """The convolution on already time-padded ``x`` (no temporal padding is added).
+
+        On CPU it runs as a sum over the ``kT`` temporal taps of 2D convolutions on frames (the same
+        math, summed in another order): XLA:CPU runs small-channel 2D convolutions 3-5x faster than
+        3D ones, forward and backward (measured in ``docs/testbed.md``)."""
         x = x.astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x, self.kernel[...].astype(self.dtype), window_strides=self.stride,
-            padding=((0, 0), (self.pad_h, self.pad_h), (self.pad_w, self.pad_w)),
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision)
+        kernel = self.kernel[...].astype(self.dtype)
+        spatial = ((self.pad_h, self.pad_h), (self.pad_w, self.pad_w))
+        if jax.default_backend() != "cpu":
+            y = jax.lax.conv_general_dilated(
+                x, kernel, window_strides=self.stride, padding=((0, 0), *spatial),
+                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision)
+            return y + self.bias[...].astype(self.dtype)
+        kt, st = self.kernel_size[0], self.stride[0]
+        t_out = (x.shape[1] - kt) // st + 1
+        if t_out < 1:
+            raise ValueError(f"CausalConv3d: {x.shape[1]} frames are fewer than the temporal kernel {kt}")
+        y = None
+        for i in range(kt):
+            frames = x[:, i:i + st * (t_out - 1) + 1:st]
+            b, t = frames.shape[:2]
+            yi = jax.lax.conv_general_dilated(
+                frames.reshape(b * t, *frames.shape[2:]), kernel[i], window_strides=self.stride[1:],
+                padding=spatial, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+            y = yi if y is None else y + yi
+        y = y.reshape(b, t, *y.shape[1:])
         return y + self.bias[...].astype(self.dtype)
 
     def __call__(self, x: jax.Array, cache: Cache = None) -> tuple[jax.Array, Cache]:
