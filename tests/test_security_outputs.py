@@ -139,8 +139,11 @@ def test_stale_temporaries_of_killed_runs_are_cleaned_on_the_next_run(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_temporaries_are_removed_on_signals(tmp_path, sig):
     """qarvd turns SIGTERM into an exception, so atomic_output's cleanup runs; Ctrl-C likewise."""
+    # SIGINT as in a terminal: a child of a pytest-xdist worker can inherit SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler (the signal would be dropped and the test time out)
     code = (f"import signal, time\nfrom qarvd_jax.cli import _terminate\n"
             f"from convert.state_dict_io import atomic_output\nsignal.signal(signal.SIGTERM, _terminate)\n"
+            f"signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             f"with atomic_output({str(tmp_path / 'big.bin')!r}) as tmp:\n"
             f"    open(tmp, 'wb').write(b'x' * 1000)\n    print('ready', flush=True)\n    time.sleep(60)\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
