@@ -130,11 +130,10 @@ def train_vae(vae: WanVAE, pool: np.ndarray, cfg: VAETrainConfig, *, progress: b
                           for j, a, b, c in zip(idx, t0, y0, x0)])
         if rng.random() < 0.5:
             batch = batch[:, :, :, ::-1]
-        loss = float(step(vae, opt, jnp.asarray(data.to_model_range(batch))))
-        losses.append(loss)
+        losses.append(step(vae, opt, jnp.asarray(data.to_model_range(batch))))
         if on_step is not None:
-            on_step(i, loss)
-    return losses
+            on_step(i, float(losses[-1]))
+    return [float(v) for v in jax.device_get(losses)]
 
 
 def _decode_stream(vae: WanVAE, mu: jax.Array) -> jax.Array:
@@ -172,8 +171,8 @@ def finetune_decoder(vae: WanVAE, pool: np.ndarray, cfg: DecoderTuneConfig, *, p
     for _ in tqdm(range(cfg.steps), desc="decoder", disable=not progress):
         j = int(rng.integers(0, len(pool)))
         mu = jnp.asarray(np.moveaxis(mus[j], 0, -1)[None])  # (1, T', h, w, z)
-        losses.append(float(step(vae, opt, mu[..., :z_dim], jnp.asarray(data.to_model_range(pool[j][None])))))
-    return losses
+        losses.append(step(vae, opt, mu[..., :z_dim], jnp.asarray(data.to_model_range(pool[j][None]))))
+    return [float(v) for v in jax.device_get(losses)]
 
 
 def latent_moments(vae: WanVAE, clips_u8: np.ndarray, batch: int = 8) -> np.ndarray:
@@ -203,8 +202,9 @@ def vae_psnr(vae: WanVAE, clips_u8: np.ndarray, chunk_frames: int = 3) -> list[f
     from qarvd_jax.models.wan_vae import decode_chunks
 
     out = []
-    for clip in clips_u8:
-        lat = jnp.asarray(np.swapaxes(encode_dataset(vae, clip[None]), 1, 2))  # (1, C, T', h, w)
+    latents = encode_dataset(vae, clips_u8)  # one jitted encoder for every clip
+    for clip, lat in zip(clips_u8, latents):
+        lat = jnp.asarray(np.swapaxes(lat[None], 1, 2))  # (1, C, T', h, w)
         chunks = [lat[:, :, i:i + chunk_frames] for i in range(0, lat.shape[2], chunk_frames)]
         pixels, _ = decode_chunks(vae, chunks, None)
         x = np.clip(np.asarray(pixels[0], np.float32), -1, 1) * 0.5 + 0.5
@@ -254,9 +254,8 @@ def train_dit(model, latents: np.ndarray, text: np.ndarray, caption_index: np.nd
         clean = rng.random((cfg.batch_size, chunks)) < cfg.clean_prob
         clean[:, -1] = False  # the last chunk always carries loss
         eps = rng.standard_normal((cfg.batch_size, *latents.shape[1:]), dtype=np.float32)
-        loss = float(step(model, opt, jnp.asarray(latents[idx]), jnp.asarray(text[caption_index[idx]]),
-                          jnp.asarray(t_idx), jnp.asarray(clean), jnp.asarray(eps)))
-        losses.append(loss)
+        losses.append(step(model, opt, jnp.asarray(latents[idx]), jnp.asarray(text[caption_index[idx]]),
+                           jnp.asarray(t_idx), jnp.asarray(clean), jnp.asarray(eps)))
         if on_step is not None:
-            on_step(i, loss)
-    return losses
+            on_step(i, float(losses[-1]))
+    return [float(v) for v in jax.device_get(losses)]
