@@ -243,26 +243,9 @@ class MethodHooks:
 
     def plot(self, rows: list[dict], path: str) -> None:
         """Loss (log) and, when logged, the Φ rank against the step."""
-        import matplotlib
+        from qarvd_jax.train.run_io import plot_losses
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=120)
-        steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["loss"] for r in rows], color="C0", lw=1.2, label="loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("distillation loss", color="C0")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if rows and "phi_rank" in rows[0]:
-            ax2 = ax.twinx()
-            ax2.step(steps, [r["phi_rank"] for r in rows], where="post", color="C3", lw=1.2)
-            ax2.set_ylabel("Φ rank (max over layers)", color="C3")
-        ax.set_title(f"{self.name}: loss and Φ rank")
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
+        plot_losses(rows, path, title=f"{self.name}: loss and Φ rank", rank_key="phi_rank")
 
 
 def json_ready(d):

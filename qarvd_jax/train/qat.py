@@ -14,12 +14,12 @@ Recipe (``qarvd quantize --method qat``):
 3. Orbax checkpoints every ``checkpoint_every`` steps and at the end; a rerun of the same command
    resumes from the latest one. ``OUT/quantized`` (``save_quantized``) at the end.
 
-Outputs in ``OUT``: ``checkpoints/``, ``train_log.jsonl``, ``train_loss.png``, ``quantized/``, ``qat.json``.
+Outputs in ``OUT``: ``checkpoints/``, ``train_log.jsonl``, ``train_loss.png``, ``quantized/``, ``qat.json``
+(the log, plot, resume checks and SIGTERM handling live in :mod:`qarvd_jax.train.run_io`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -41,6 +41,7 @@ from qarvd_jax.train import sharding as shd
 from qarvd_jax.train.config import QATConfig
 from qarvd_jax.train.data import PromptDataset, PromptSource, check_batch_divisible, read_prompts_range
 from qarvd_jax.train.rollout import Distiller
+from qarvd_jax.train.run_io import _check_resume, _Preemption, _read_log, _write_log, plot_losses
 from qarvd_jax.train.state import (QATCheckpointer, TrainState, abstract_like, lr_schedule, make_optimizer,
                                    project_scales, trainable_filter)
 
@@ -49,9 +50,6 @@ __all__ = ["initialize_distributed", "validate_mesh", "load_chunk_weights", "pre
 
 log = logging.getLogger(__name__)
 
-# fields whose change makes an existing checkpoint unusable (state structure or data order)
-_RESUME_FIELDS = ("train_weights", "w_bits", "a_bits", "dual_scale", "outlier_method", "align",
-                  "quantize_text_embedding", "batch_size", "seed", "clip_norm")
 
 
 def initialize_distributed(enabled: bool = False, *, coordinator: str | None = None,
@@ -352,30 +350,6 @@ class QATTrainer:
         return model
 
 
-class _Preemption:
-    """SIGTERM sets ``requested`` (the loop saves and stops) instead of killing the process."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.requested = False
-        self._old = None
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint after the current step")
-        self.requested = True
-
-    def restore(self):
-        import signal
-
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
-
-
 @dataclass
 class QATResult:
     """What :func:`run_qat` did: final step, the log entries of this run folder, output paths."""
@@ -385,63 +359,6 @@ class QATResult:
     resumed_from: int | None = None
     quantized: str | None = None
     state: TrainState | None = None
-
-
-def _read_log(path: str, upto: int) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    return [r for r in rows if r.get("step", 0) <= upto]
-
-
-def _write_log(path: str, rows: list[dict], mode: str = "w") -> None:
-    with open(path, mode) as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-
-
-def plot_losses(rows: list[dict], path: str) -> None:
-    """Loss (log scale) against step as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    steps = [r["step"] for r in rows]
-    ax.plot(steps, [r["loss"] for r in rows], marker="o" if len(rows) < 50 else None, lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("distillation loss")
-    ax.set_yscale("log")
-    ax.set_title("QAT: quantized vs full-precision flows")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _check_resume(meta: dict, cfg: QATConfig, directory: str, omega=None) -> None:
-    if "process_count" in meta and meta["process_count"] != jax.process_count():
-        raise ValueError(f"{directory}: the checkpoint was written by {meta['process_count']} processes, this run has "
-                         f"{jax.process_count()}; the data order depends on the process count (each process "
-                         f"permutes its own prompt slice), so resume with the same number of processes or use "
-                         f"another --out")
-    if "chunk_weights" in meta:
-        new = None if omega is None else [float(v) for v in np.asarray(omega, np.float32)]
-        old_w = meta["chunk_weights"]
-        if (old_w is None) != (new is None) or (new is not None and (
-                len(old_w) != len(new) or not np.allclose(old_w, new, rtol=1e-6, atol=0))):
-            raise ValueError(f"{directory}: the checkpoint was trained with chunk weights {meta['chunk_weights']} "
-                             f"(--sensitivity), this run has {new}; pass the original --sensitivity or use another --out")
-    old = meta.get("config", {})
-    for name in _RESUME_FIELDS:
-        if name in old and old[name] != getattr(cfg, name):
-            raise ValueError(f"{directory}: the checkpoint was written with {name}={old[name]!r}, this run has "
-                             f"{name}={getattr(cfg, name)!r}; use another --out or the original setting")
-    if meta.get("schedule_steps") not in (None, cfg.schedule_steps):
-        log.warning("resuming with a different lr schedule length (%s -> %s); set lr_schedule_steps to keep it",
-                    meta["schedule_steps"], cfg.schedule_steps)
 
 
 def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_dir: str,
@@ -507,10 +424,7 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     else:
         abstract_state, abstract_frozen = trainer.abstract_state()
         meta = ckpt.read_meta(latest)
-        _check_resume(meta, cfg, ckpt.directory, omega)
-        if meta.get("method") != (None if hooks is None else hooks.describe()):
-            raise ValueError(f"{ckpt.directory}: the checkpoint was trained with method {meta.get('method')}, this run "
-                             f"with {None if hooks is None else hooks.describe()}; use another --out")
+        _check_resume(meta, cfg, ckpt.directory, omega, None if hooks is None else hooks.describe())
         state, frozen, meta = ckpt.restore(latest, abstract_state, abstract_frozen)
         trainer.set_frozen(frozen)
         if meta["data_position"] != data.data_position(latest):
