@@ -32,6 +32,7 @@ from qarvd_jax.models import umt5 as umt5_lib  # noqa: E402
 from qarvd_jax.models.wan.loading import model_params  # noqa: E402
 from qarvd_jax.models.wan.model import CausalWanModel  # noqa: E402
 from qarvd_jax.models.wan_vae import WanVAE, load_wan_vae, to_torch_state_dict  # noqa: E402
+from qarvd_jax.pipeline.causal_inference import SAMPLERS  # noqa: E402
 from qarvd_jax.testbed import config as tb  # noqa: E402
 from qarvd_jax.testbed import data, train  # noqa: E402
 from qarvd_jax.testbed.score import score_video  # noqa: E402
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--dit-steps", type=int, default=train.DiTTrainConfig.steps)
     p.add_argument("--dit-clips", type=int, default=960, help="training clips encoded for the DiT")
     p.add_argument("--eval-videos", type=int, default=12)
+    p.add_argument("--sampler", choices=SAMPLERS, default="euler",
+                   help="sampler recorded in testbed.json (euler: the flow ODE; self_forcing: fresh re-noising)")
+    p.add_argument("--sampling-steps", type=int, default=16, help="denoising steps of the recorded sampler")
     p.add_argument("--reuse-vae", action="store_true", help="keep OUT/vae.safetensors and its statistics")
     p.add_argument("--reuse-dit", action="store_true", help="keep OUT/dit.safetensors (with --reuse-vae: evaluate "
                    "and rewrite testbed.json only)")
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
     _plot(losses, os.path.join(args.out, "train", "losses.png"))
 
     # ---- 4. held-out evaluation through the shipped files
-    sampler = tb.default_sampler()
+    sampler = tb.default_sampler(args.sampler, args.sampling_steps)
     spec = tb.TestbedSpec(dit=tb.dit_config(), vae=tb.vae_config(**stats), sampler=sampler, umt5_seed=0)
     json.dump(spec.to_json(), open(os.path.join(args.out, "testbed.json"), "w"), indent=2)
     spec, dit, vae, t5 = tb.load_models(weights_dir=args.out)

@@ -4,7 +4,10 @@ Per chunk of ``num_frame_per_block`` latent frames, one jit-compiled function ru
 of the chunk as a ``lax.scan`` over ``S + 1`` passes with a single traced model call:
 
 * pass 0 denoises the chunk's initial noise at ``tau_0``;
-* pass s (1..S-1) re-noises the previous x0 prediction to ``tau_s`` with a fresh draw;
+* pass s (1..S-1) re-noises the previous x0 prediction to ``tau_s`` with a fresh draw (``sampler
+  "self_forcing"``, the few-step sampler of the distilled model) or with the noise the previous pass
+  implies, ``x0 + flow`` (``sampler "euler"``: then the pass is exactly an Euler step of the flow ODE,
+  ``x + (sigma_s - sigma_{s-1}) flow``, the deterministic sampler of a model trained by flow matching);
 * pass S is the context pass: the final x0 at ``context_noise`` (no noise added) only to
   overwrite the chunk's KV-cache slots with clean keys/values.
 
@@ -29,7 +32,7 @@ from qarvd_jax.models.wan.kv_cache import CrossKV, KVCache
 from qarvd_jax.models.wan.model import CausalWanModel
 from qarvd_jax.pipeline import scheduler as sch
 
-__all__ = ["InferenceConfig", "ChunkRecord", "CausalInferencePipeline", "with_step_context"]
+__all__ = ["SAMPLERS", "InferenceConfig", "ChunkRecord", "CausalInferencePipeline", "with_step_context"]
 
 
 def with_step_context(params, step, chunk, act_high=None):
@@ -50,11 +53,16 @@ def with_step_context(params, step, chunk, act_high=None):
 
     return jax.tree_util.tree_map_with_path(one, params)
 
+SAMPLERS = ("self_forcing", "euler")
+
 
 @dataclass(frozen=True)
 class InferenceConfig:
     """Sampler settings (defaults: Self-Forcing DMD, ``self_forcing_dmd.yaml``).
 
+    ``sampler``: ``"self_forcing"`` (re-noise each x0 prediction with a fresh draw, the Self-Forcing
+    few-step sampler) or ``"euler"`` (re-noise with the predicted noise: the deterministic Euler/DDIM
+    sampler of the flow ODE, for models trained by plain flow matching such as the testbed).
     ``kv_cache``: self-attention cache format, ``"bf16"`` (float, the compute dtype), ``"int8"``,
     ``"fp8"`` or ``"int4"`` (:mod:`qarvd_jax.models.wan.kv_quant`); independent of the weights, so it
     composes with every quantization method. ``kv_sink_float``: keep a rolling cache's sink frames in
@@ -68,11 +76,14 @@ class InferenceConfig:
     context_noise: float = 0.0
     kv_cache: str = "bf16"
     kv_sink_float: bool = False
+    sampler: str = "self_forcing"
 
     def __post_init__(self):
         object.__setattr__(self, "denoising_step_list", tuple(int(s) for s in self.denoising_step_list))
         if not self.denoising_step_list:
             raise ValueError("denoising_step_list is empty")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         kvc.kvq.check_kv_format(self.kv_cache, "kv_cache")
 
     def tables(self) -> sch.FlowMatchTables:
@@ -143,9 +154,13 @@ class CausalInferencePipeline:
         taus = jnp.concatenate([self._timesteps, jnp.full((1,), self.config.context_noise, jnp.float32)])
         eps = jnp.concatenate([jnp.zeros_like(noise)[None], renoise, jnp.zeros_like(noise)[None]])
 
+        euler = self.config.sampler == "euler"
+
         def one_pass(carry, inp):
-            x0_prev, cache, gbs = carry
+            x0_prev, eps_prev, cache, gbs = carry
             s, tau, eps_s = inp
+            if euler:
+                eps_s = eps_prev
             renoised = sch.add_noise(x0_prev, eps_s, tau, tables)
             x_in = jnp.where(s == 0, noise, jnp.where(s == num_steps, x0_prev, renoised)).astype(noise.dtype)
             t = jnp.full((b, fc), tau, jnp.float32)
@@ -155,9 +170,10 @@ class CausalInferencePipeline:
                 lambda m: m.forward_chunk(x_in, t, cross, cache, current_start), nnx.Intermediate)(model)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
             x0_next = jnp.where(s == num_steps, x0_prev, x0)
+            eps_next = (x0.astype(jnp.float32) + flow.astype(jnp.float32)).astype(noise.dtype)  # implied noise
             if bit_switch is not None:  # the accumulator of the chunk's own outputs (data-free)
                 gbs = (gbs_rule.update(gbs[0], high, flow, gbs[1], s == 0), flow.astype(jnp.float32))
-            return (x0_next, cache, gbs), (x_in, flow, x0, nnx.to_pure_dict(inter), high)
+            return (x0_next, eps_next, cache, gbs), (x_in, flow, x0, nnx.to_pure_dict(inter), high)
 
         gbs_rule = None
         gbs0 = ()
@@ -165,8 +181,8 @@ class CausalInferencePipeline:
             from qarvd_jax.quant import bit_switch as gbs_rule
 
             gbs0 = (jnp.float32(bit_switch.init), jnp.zeros(noise.shape, jnp.float32))  # (A, previous output)
-        init = (jnp.zeros_like(noise), cache, gbs0)
-        (_, cache, _), (inputs, flows, x0s, inter, act_high) = jax.lax.scan(
+        init = (jnp.zeros_like(noise), jnp.zeros_like(noise), cache, gbs0)
+        (_, _, cache, _), (inputs, flows, x0s, inter, act_high) = jax.lax.scan(
             one_pass, init, (jnp.arange(num_steps + 1), taus, eps))
         return inputs, flows, x0s, inter, cache, act_high
 

@@ -22,7 +22,7 @@ from qarvd_jax.models.wan_vae.config import WanVAEConfig
 from qarvd_jax.pipeline.causal_inference import InferenceConfig
 
 __all__ = ["WEIGHTS_DIR", "resolve_weights_dir", "write_weights", "TestbedSpec", "dit_config", "vae_config",
-           "umt5_config", "default_sampler", "weights_available", "load_spec", "load_models", "held_out_prompts"]
+           "umt5_config", "sampling_steps", "default_sampler", "weights_available", "load_spec", "load_models", "held_out_prompts"]
 
 # The shipped weights; ``QARVD_TESTBED_WEIGHTS`` points every command at another folder of the same four files
 # (a testbed trained elsewhere with scripts/train_testbed.py --out DIR).
@@ -55,9 +55,19 @@ def umt5_config() -> UMT5Config:
     return UMT5Config.tiny(text_len=TEXT_LEN)
 
 
-def default_sampler() -> InferenceConfig:
-    """The sampler the testbed is trained for (overridden by the recorded one in ``testbed.json``)."""
-    return InferenceConfig(denoising_step_list=(1000, 875, 750, 625, 500, 375, 250, 125), timestep_shift=3.0)
+def sampling_steps(n: int) -> tuple[int, ...]:
+    """``n`` evenly spaced timesteps ``1000, 1000 - 1000/n, ...`` (warped by the shifted tables)."""
+    if n < 1:
+        raise ValueError(f"sampling steps must be >= 1, got {n}")
+    return tuple(int(round(1000 - i * 1000 / n)) for i in range(n))
+
+
+def default_sampler(sampler: str = "euler", steps: int = 16) -> InferenceConfig:
+    """The sampler the testbed is trained for (overridden by the recorded one in ``testbed.json``): the
+    Euler sampler of the flow ODE over ``steps`` evenly spaced timesteps, shift 3. The testbed DiT is
+    trained by plain flow matching (no distillation), so Self-Forcing's few-step sampler, which re-noises
+    each x0 prediction with a fresh draw, returns the blurred posterior mean (docs/testbed.md)."""
+    return InferenceConfig(denoising_step_list=sampling_steps(steps), timestep_shift=3.0, sampler=sampler)
 
 
 @dataclass(frozen=True)
