@@ -53,3 +53,17 @@ def test_accumulator_only_lowers_for_gpu():
   exp = export.export(f, platforms=["cuda"])(p.x, p.w, p.w_scale, p.w_zero)
   assert exp.out_avals[0].shape == (2, 256, 256)
   assert exp.out_avals[0].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("m,k,n,blk", [(4680, 1536, 1536, 128), (77, 8960, 1536, 128), (13, 1536, 8960, 256)])
+def test_rotated_w4a4_lowers_for_tpu(m, k, n, blk):
+  """The DVD-Quant rotated W4A4/W4A8 kernel (Wan widths; one export serves A4 and A8: ``high`` is traced)."""
+  from kernels_pallas.rotated_w4a4_matmul import rotated_w4a4_matmul  # pylint: disable=g-import-not-at-top
+
+  f = jax.jit(functools.partial(rotated_w4a4_matmul, lam_block=blk, backend="pallas_tpu"))
+  sds = jax.ShapeDtypeStruct
+  args = (sds((m, k), jnp.float32), sds((k,), jnp.float32), sds((n, k // 2), jnp.uint8), sds((n,), jnp.int8),
+          sds((n,), jnp.float32), sds((k // blk, n), jnp.int32))
+  exp = export.export(f, platforms=["tpu"])(*args, high=sds((), jnp.bool_), bias=sds((n,), jnp.float32))
+  assert exp.out_avals[0].shape == (m, n)
+  assert "tpu_custom_call" in exp.mlir_module()
