@@ -301,7 +301,7 @@ def test_integer_form_equals_fake_quant(lam_block):
     b = rng.normal(size=(40,)).astype(np.float32)
     layer = dq.quantize_layer(kernel, b, None, dq.Config(lambda_block=lam_block, bgr_init_steps=4))
     arrays = dq.integer_form(layer)
-    assert arrays["w_codes"].dtype == jnp.int8 and int(jnp.max(jnp.abs(arrays["w_codes"]))) <= 15
+    assert arrays["w_packed"].dtype == jnp.uint8 and arrays["w_packed"].shape == (40, k // 2)  # two codes a byte
     fake = jax.jit(lambda lyr, x: lyr(x))
     integer = jax.jit(dq.integer_apply, static_argnums=1)
     for high in (False, True):
@@ -314,3 +314,69 @@ def test_integer_form_equals_fake_quant(lam_block):
     y4 = np.asarray(integer(arrays, layer.static, jnp.asarray(x), jnp.asarray(False)))
     y0 = x @ kernel + b
     assert np.mean((y8 - y0) ** 2) < np.mean((y4 - y0) ** 2)
+
+
+# ------------------------------------------------------------------------------------------ packed export, Pallas
+# Kernel-friendly widths (K % 256, N % 128, lambda_block 128) so every quantized layer takes the Pallas kernel.
+WIDE = dict(dim=256, ffn_dim=512, num_heads=4, num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def wide_export(tmp_path_factory):
+    from flax import nnx
+
+    from qarvd_jax.models.wan.config import WanDiTConfig
+    from qarvd_jax.models.wan.model import CausalWanModel
+    from qarvd_jax.quant.checkpoint import save_quantized
+
+    d = tmp_path_factory.mktemp("dvdint")
+    model = CausalWanModel(WanDiTConfig.tiny(**WIDE), rngs=nnx.Rngs(0))
+    dq.quantize_model(model, None, dq.Config(lambda_block=128, bgr_init_steps=4, bgr_max_iters=5, delta=0.12))
+    save_quantized(d / "q", model)
+    assert cli(["export", str(d / "q"), str(d / "int")]) == 0
+    return d
+
+
+def test_export_packs_two_codes_per_byte(wide_export):
+    from qarvd_jax.quant.integer.export import load_export
+
+    trees, meta = load_export(wide_export / "int")
+    layers = {n: lay for n, lay in meta["layers"].items() if lay.get("method") == dq.NAME}
+    assert layers
+    for name, lay in layers.items():
+        k, n = lay["in_features"], lay["out_features"]
+        assert lay["w_format"] == "int4-packed" and lay["bytes"]["weight"] == n * k // 2, name  # in/2 bytes a row
+        arrays = trees["int"]
+        for p in lay["path"]:
+            arrays = arrays[p if p in arrays else str(p)]
+        assert arrays["w_packed"].dtype == np.uint8 and arrays["w_packed"].shape == (n, k // 2)
+        assert lay["bytes"]["total"] == sum(a.nbytes for a in arrays.values())
+    q = meta["bytes"]["quantized_layers"]
+    assert q["weight"] == sum(lay["in_features"] * lay["out_features"] for lay in layers.values()) // 2
+
+
+def test_generate_pallas_matches_xla(wide_export, monkeypatch):
+    """`qarvd generate --backend pallas` (the TPU kernel in the Pallas interpreter: the CLI has no interpret
+    flag, so the loader gets interpret=True here) against --backend xla: same schedule, close latents."""
+    from qarvd_jax.quant.integer import int_linear
+
+    prompts = wide_export / "p.txt"
+    prompts.write_text("a fox\n")
+    runs = {}
+    real = int_linear.load_integer_model
+    for backend in ("xla", "pallas"):
+        if backend == "pallas":
+            monkeypatch.setattr(int_linear, "load_integer_model",
+                                lambda *a, **kw: real(*a, **kw, interpret=True))
+            model = real(wide_export / "int", backend="pallas", interpret=True)
+            assert set(int_linear.layer_kernel_backends(model).values()) == {"pallas_tpu"}
+        out = wide_export / f"v_{backend}"
+        assert cli(["generate", "--quantized", str(wide_export / "int"), "--backend", backend, "--prompts",
+                    str(prompts), "--out", str(out), *GEOM]) == 0
+        man = json.loads((out / "generation.json").read_text())
+        runs[backend] = man["videos"][0]["bit_schedule"], np.load(out / man["videos"][0]["latents"])["latents"]
+    assert runs["pallas"][0] == runs["xla"][0]
+    a, b = runs["xla"][1], runs["pallas"][1]
+    psnr = 10 * np.log10(np.max(np.abs(a)) ** 2 / np.mean((a - b) ** 2))
+    print(f"latent PSNR pallas vs xla: {psnr:.1f} dB")
+    assert psnr > 60, psnr  # float epilogue order only (a flipped activation code would cost ~40 dB)

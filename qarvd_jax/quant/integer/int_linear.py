@@ -249,10 +249,14 @@ def load_integer_model(path: str | os.PathLike, backend: str = "xla", dtype: str
             continue
         name = by_path[lpath]
         if meta["layers"][name].get("method"):  # a method's own integer layer (dvd-quant)
+            import inspect
+
             from qarvd_jax.quant import methods
 
-            layer = methods.get(meta["layers"][name]["method"]).integer_module(
-                _node_at(trees["int"], lpath, path), meta["layers"][name], dtype=cfg.dtype)
+            make = methods.get(meta["layers"][name]["method"]).integer_module
+            kw = ({"backend": backend, "interpret": interpret}
+                  if "backend" in inspect.signature(make).parameters else {})  # dvd-quant has kernel backends
+            layer = make(_node_at(trees["int"], lpath, path), meta["layers"][name], dtype=cfg.dtype, **kw)
         else:
             spec = IntLayerSpec.from_meta(name, meta["layers"][name])
             layer = IntLinear(_node_at(trees["int"], lpath, path), spec, backend=backend, interpret=interpret,
@@ -277,7 +281,10 @@ def load_integer_model(path: str | os.PathLike, backend: str = "xla", dtype: str
 
 
 def layer_kernel_backends(model: nnx.Module) -> dict[str, str]:
-    """``name -> backend`` of every IntLinear; ``'xla (shape fallback)'`` marks layers whose shapes miss
-    the kernel constraints."""
-    return {n.spec.name: n.backend_label for _, n in nnx.iter_graph(model) if isinstance(n, IntLinear)}
+    """``name -> backend`` of every IntLinear (and method integer layer with a ``layer_name``, e.g.
+    dvd-quant's); ``'xla (shape fallback)'`` marks layers whose shapes miss the kernel constraints."""
+    out = {n.spec.name: n.backend_label for _, n in nnx.iter_graph(model) if isinstance(n, IntLinear)}
+    out.update({n.layer_name: n.backend_label for _, n in nnx.iter_graph(model)
+                if getattr(n, "layer_name", None) and hasattr(n, "backend_label")})
+    return out
 

@@ -49,12 +49,18 @@ tuned on prompts, which would need data).
 Λ is per channel by default; ``lambda_block`` (e.g. 128, the kernel K-tile) makes it constant per K-block
 (the paper's "hardware-friendly block-wise" form), which the integer form needs.
 
-Integer form (``qarvd export``, ``qarvd generate --backend xla|pallas``): :func:`integer_form` (int8 codes
-q_w - z_w of the rotated int4 weights: the rotation is folded in and the same codes serve A4 and A8;
-per-K-block column sums) and :func:`integer_apply` (online FWHT as one pass, Λ, per-token dynamic codes,
-int8 x int8 -> int32 dot per K-block, zero-point correction and Λ in the epilogue), run by
-:class:`DVDIntLinear` with XLA's int8 dot on every backend (no Pallas kernel for it). Codes are stored one
-per int8 byte (not packed two per byte yet).
+Integer form (``qarvd export``, ``qarvd generate --backend xla|pallas``): :func:`integer_form` (the unsigned
+int4 codes q_w of the rotated weights packed two per byte, ``w_packed`` uint8 [out, in/2] in the half-split
+layout of :mod:`kernels_pallas.int4_pack`, with the zero points ``w_zero``: the rotation is folded in and
+the same codes serve A4 and A8; per-K-block column sums of q_w - z_w) and :func:`integer_apply` (online
+FWHT and Λ as one separate pass, then :func:`kernels_pallas.rotated_w4a4_matmul`: per-token dynamic codes
+in the prologue, int4 unpacking, int8 x int8 -> int32 dot per K-block, zero-point correction and Λ in the
+epilogue), run by :class:`DVDIntLinear`: ``--backend xla`` with XLA's int8 dot, ``--backend pallas`` with
+the Pallas TPU kernel (:mod:`kernels_pallas.tpu_rotated_matmul`; on CPU only in interpret mode) where the
+shapes allow (``lambda_block`` a multiple of 128, in % (2 lambda_block) == 0, out % 128 == 0; the default
+``lambda_block=1`` never does), else the XLA path (label ``'xla (shape fallback)'``). There is no Mosaic
+GPU kernel for it: on a GPU ``pallas`` runs the XLA path. An export from before the packing (int8
+``w_codes``) is refused with a request to re-export.
 """
 
 from __future__ import annotations
@@ -69,6 +75,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels_pallas.int4_pack import pack_int4
+from kernels_pallas.rotated_w4a4_matmul import rotated_kernel_ok, rotated_w4a4_matmul, token_codes
 from qarvd_jax.quant.fake_quant import QuantParams, QuantSpec, fake_quant, minmax_params, params_from_range
 from qarvd_jax.quant.hadamard import block_fwht, rotation_block
 from qarvd_jax.quant.methods import base
@@ -268,17 +276,8 @@ def act_quant(x, bits, high_bits=None, high=False, *, symmetric: bool = False):
         qmax = 2.0 ** (b - 1) - 1
         s = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True) / qmax, 1e-8)
         return jnp.clip(jnp.round(x / s), -qmax - 1, qmax) * s
-    q, s, z = _token_codes(x, b)
+    q, s, z = token_codes(x, b)
     return (q - z) * s
-
-
-def _token_codes(x, b):
-    """Per-token asymmetric min-max codes of x [..., K] at ``b`` bits (traced): (q, scale, zero)."""
-    levels = 2.0 ** b - 1
-    lo, hi = jnp.min(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)
-    s = jnp.maximum((hi - lo) / levels, 1e-8)
-    z = jnp.round(-lo / s)
-    return jnp.clip(jnp.round(x / s) + z, 0, levels), s, z
 
 
 def channel_scale(xr, block: int = 1):
@@ -335,52 +334,49 @@ def weight_bytes(layer: QuantizedLayer) -> int:
 
 # ------------------------------------------------------------------------------------------ integer form
 def integer_form(layer: QuantizedLayer) -> dict:
-    """The deployable arrays of a dvd-quant layer: ``w_codes`` int8 [out, in] = q_w - z_w (in
-    [-(2^b - 1), 2^b - 1]; the same codes serve A4 and A8), ``w_scale`` [out], ``colsum`` int32
-    [in / lam_block, out] (per K-block sums of ``w_codes``, for the activation zero-point correction),
-    ``signs`` [in] and ``bias``. The rotation is folded into the codes (they quantize W R)."""
+    """The deployable arrays of a dvd-quant layer: ``w_packed`` uint8 [out, in / 2], the unsigned int4 codes
+    q_w of the rotated weights (the rotation is folded in: they quantize W R) packed two per byte
+    (:func:`kernels_pallas.int4_pack.pack_int4`, halves along K, ``signed=False``; the same codes serve A4
+    and A8); ``w_zero`` int8 [out] (0..2^b - 1); ``w_scale`` [out]; ``colsum`` int32 [in / lam_block, out]
+    (per K-block sums of q_w - z_w, for the activation zero-point correction); ``signs`` [in]; ``bias``."""
     st = layer.static
     if st.a_symmetric:
         raise ValueError("dvd-quant integer form: asymmetric activations only (a_symmetric=false)")
+    if st.w_spec.bits != 4:
+        raise ValueError(f"dvd-quant integer form: 4-bit weights only (w_bits={st.w_spec.bits})")
     w = jnp.asarray(layer.kernel, jnp.float32).T
-    qmax = st.w_spec.qmax
     z = layer.state["w_zero"]
-    codes = (jnp.clip(jnp.round(w / layer.state["w_scale"][:, None]) + z[:, None], 0, qmax) - z[:, None])
-    codes = codes.astype(jnp.int8)
-    k = codes.shape[1]
-    if k % st.lam_block:
-        raise ValueError(f"dvd-quant integer form: in={k} is not a multiple of lambda_block={st.lam_block}")
-    colsum = jnp.sum(codes.astype(jnp.int32).reshape(codes.shape[0], k // st.lam_block, st.lam_block), axis=2).T
-    return {"w_codes": codes, "w_scale": layer.state["w_scale"], "colsum": colsum, "signs": layer.state["signs"],
-            "bias": layer.bias}
+    q = jnp.clip(jnp.round(w / layer.state["w_scale"][:, None]) + z[:, None], 0, st.w_spec.qmax).astype(jnp.int32)
+    k = q.shape[1]
+    if k % st.lam_block or k % 2:
+        raise ValueError(f"dvd-quant integer form: in={k} must be even and a multiple of lambda_block="
+                         f"{st.lam_block}")
+    codes = q - z.astype(jnp.int32)[:, None]
+    colsum = jnp.sum(codes.reshape(codes.shape[0], k // st.lam_block, st.lam_block), axis=2).T
+    return {"w_packed": pack_int4(q, signed=False), "w_zero": z.astype(jnp.int8), "w_scale": layer.state["w_scale"],
+            "colsum": colsum, "signs": layer.state["signs"], "bias": layer.bias}
 
 
-def integer_apply(arrays: dict, static: Static, x, high=False):
-    """The integer path of one layer: online FWHT of x [..., in] (one pass), Λ per K-block of
-    ``lam_block``, dynamic per-token codes at 4 or 8 bits (``high``), shifted to int8 (q - 2^(b-1)),
-    an int8 x int8 -> int32 dot per K-block, the zero-point correction ``(2^(b-1) - z_t) colsum`` and
-    the float epilogue ``s_t s_w sum_b λ_b P_b + bias``."""
+def integer_apply(arrays: dict, static: Static, x, high=False, *, backend: str = "xla", interpret=False):
+    """The integer path of one layer: online FWHT of x [..., in] and Λ per K-block of ``lam_block`` (one
+    separate pass: Λ reduces over all tokens), then :func:`kernels_pallas.rotated_w4a4_matmul` on
+    ``backend`` ('xla' | 'reference' | 'pallas_tpu'): dynamic per-token codes at 4 or 8 bits (``high``),
+    shifted to int8 (q - 2^(b-1)), the packed int4 weight codes unpacked, an int8 x int8 -> int32 dot per
+    K-block, the zero-point correction ``(2^(b-1) - z_t) colsum`` and the float epilogue
+    ``s_t s_w sum_b λ_b P_b + bias``."""
     lead = x.shape[:-1]
     xr = rotate(x, arrays["signs"], static.rot_block).reshape(-1, x.shape[-1])
     k, blk = xr.shape[-1], static.lam_block
     lam = channel_scale(xr, blk) if static.act_scale else jnp.ones((k,), jnp.float32)
-    high = jnp.asarray(high) & static.gbs
-    b = jnp.where(high, static.a_bits_high or static.a_bits, static.a_bits).astype(jnp.float32)
-    q, s_t, z_t = _token_codes(xr / lam, b)
-    c = 2.0 ** (b - 1)
-    qs = (q - c).astype(jnp.int8).reshape(-1, k // blk, blk)
-    wc = arrays["w_codes"].reshape(-1, k // blk, blk)
-    p = jax.lax.dot_general(qs, wc, (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)  # [nb, T, out]
-    p = p + (c - z_t).astype(jnp.int32)[None] * arrays["colsum"][:, None, :]
-    lam_b = lam.reshape(-1, blk)[:, 0]
-    y = jnp.einsum("b,bto->to", lam_b, p.astype(jnp.float32)) * s_t * arrays["w_scale"][None, :]
-    if arrays.get("bias") is not None:
-        y = y + arrays["bias"].astype(jnp.float32)
+    y = rotated_w4a4_matmul(xr, lam, arrays["w_packed"], arrays["w_zero"], arrays["w_scale"], arrays["colsum"],
+                            high=jnp.asarray(high) & static.gbs, a_bits=static.a_bits, a_bits_high=static.a_bits_high,
+                            lam_block=blk, bias=arrays.get("bias"), backend=backend, interpret=interpret)
     return y.reshape(*lead, -1).astype(x.dtype)
 
 
 def export_integer_layer(node, bias_dtype) -> tuple[dict, dict]:
-    """``qarvd export`` of one dvd-quant MethodLinear: (host arrays, JSON metadata incl. bytes)."""
+    """``qarvd export`` of one dvd-quant MethodLinear: (host arrays, JSON metadata incl. bytes; ``weight`` is
+    the packed codes, in / 2 bytes per output row)."""
     from qarvd_jax.quant.methods.base import static_to_dict
 
     arrays = {k: np.asarray(v) for k, v in integer_form(node.quantized_layer()).items() if v is not None}
@@ -389,38 +385,63 @@ def export_integer_layer(node, bias_dtype) -> tuple[dict, dict]:
     k, n = node.kernel[...].shape
     info = {"method": NAME, "static": static_to_dict(node.static), "in_features": int(k), "out_features": int(n),
             "w_bits": node.static.w_spec.bits, "a_bits": node.static.a_bits, "n_outlier": 0,
-            "has_bias": "bias" in arrays,
-            "bytes": {"weight": int(arrays["w_codes"].nbytes), "total": int(sum(a.nbytes for a in arrays.values())),
+            "has_bias": "bias" in arrays, "w_format": "int4-packed",
+            "bytes": {"weight": int(arrays["w_packed"].nbytes), "total": int(sum(a.nbytes for a in arrays.values())),
                       "bf16": 2 * (k * n + (n if "bias" in arrays else 0))}}
     return arrays, info
 
 
-class DVDIntLinear(nnx.Module):
-    """The integer dvd-quant layer of ``qarvd generate --backend xla|pallas`` (XLA int8 dots for every
-    backend); ``q_act_high`` is the δ-GBS context leaf the pipeline fills, as in the fake-quant layer."""
+def _int_backend(backend: str, interpret: bool, k: int, n: int, lam_block: int) -> tuple[str, str]:
+    """(kernel backend, label) of a dvd-quant integer layer; labels as IntLinear's."""
+    from qarvd_jax.quant.integer.int_linear import resolve_backend
 
-    def __init__(self, arrays: dict, info: dict, dtype=None):
+    picked = resolve_backend(backend, interpret)
+    if picked in ("xla", "reference"):
+        return picked, f"{picked} (dvd-quant)"
+    if picked == "pallas_gpu":
+        return "xla", "xla (no pallas_gpu kernel for dvd-quant)"
+    if not rotated_kernel_ok(k, n, lam_block):
+        return "xla", "xla (shape fallback)"
+    return picked, picked
+
+
+class DVDIntLinear(nnx.Module):
+    """The integer dvd-quant layer of ``qarvd generate --backend xla|pallas``: ``backend`` as
+    :class:`~qarvd_jax.quant.integer.int_linear.IntLinear` ('pallas' runs the Pallas TPU kernel; on CPU only
+    with ``interpret``); shapes the kernel rejects (and GPUs, which have no kernel for it) run the XLA
+    integer path. ``q_act_high`` is the δ-GBS context leaf the pipeline fills, as in the fake-quant layer."""
+
+    def __init__(self, arrays: dict, info: dict, dtype=None, *, backend: str = "xla", interpret: bool = False):
         from qarvd_jax.quant.integer.int_linear import IntState
         from qarvd_jax.quant.methods.base import static_from_dict
         from qarvd_jax.quant.qlinear import QuantState
 
+        self.layer_name = ".".join(map(str, info.get("path", ["?"])))
+        if "w_codes" in arrays or "w_packed" not in arrays:
+            raise ValueError(f"{self.layer_name}: an unpacked dvd-quant export (int8 'w_codes', one 4-bit code per "
+                             "byte, from before the codes were packed two per byte) is no longer loadable; "
+                             "re-export the quantized checkpoint with `qarvd export`")
         self.names = tuple(sorted(arrays))
         for k in self.names:
             setattr(self, "i_" + k, IntState(jnp.asarray(arrays[k])))
         self.static = static_from_dict(info["static"])
         self.method = NAME
         self.dtype = dtype
+        self.interpret = bool(interpret)
         self.q_act_high = QuantState(jnp.zeros((), jnp.float32))
-        self.backend_label = "xla (dvd-quant)"
+        self.kernel_backend, self.backend_label = _int_backend(backend, interpret, int(info["in_features"]),
+                                                               int(info["out_features"]), self.static.lam_block)
 
     def __call__(self, x):
         x = x.astype(self.dtype) if self.dtype is not None else x
         arrays = {k: getattr(self, "i_" + k)[...] for k in self.names}
-        return integer_apply(arrays, self.static, x, self.q_act_high[...] > 0.5)
+        return integer_apply(arrays, self.static, x, self.q_act_high[...] > 0.5, backend=self.kernel_backend,
+                             interpret=self.interpret)
 
 
-def integer_module(arrays: dict, info: dict, dtype=None) -> DVDIntLinear:
-    return DVDIntLinear(arrays, info, dtype)
+def integer_module(arrays: dict, info: dict, dtype=None, *, backend: str = "xla", interpret: bool = False
+                   ) -> DVDIntLinear:
+    return DVDIntLinear(arrays, info, dtype, backend=backend, interpret=interpret)
 
 
 # ------------------------------------------------------------------------------------------ model level
