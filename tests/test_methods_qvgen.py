@@ -4,7 +4,9 @@ Layer-level checks against numpy references (SVD of the weight error, the rank-d
 re-SVD invariant, the merged LoRA, the integer path), then the trainer on the tiny model (6 latent
 frames = 2 chunks, 4x4 latents; 8 virtual CPU devices from conftest): a sharded step equals the
 single-device step, kill + resume in the middle of a decay stage is bit-exact, and a CLI run decays the
-rank to 0 and leaves a checkpoint without Φ that generates and exports.
+rank to 0 and leaves a checkpoint without Φ that generates and exports. W3A3 / W4A8 / W8A8 for each of the
+three methods: train (2 steps, 1 device), deploy, export to the integer path and compare its latents with the
+fake-quant model's (one fast case, qvgen W3A3; the other eight ~55-75 s each are marked slow).
 """
 
 from __future__ import annotations
@@ -260,3 +262,80 @@ def test_cli_qvgen_rank_to_zero_generates_and_exports(tmp_path, capsys):
                  "not_a_field=1"]) == 2  # a one-line error naming the unknown key, exit 2
     err = capsys.readouterr().err
     assert "not_a_field" in err and "neither" in err
+
+
+# --------------------------------------------------------------------------------------- other bit widths
+BITS = {"w3a3": (3, 3), "w4a8": (4, 8), "w8a8": (8, 8)}
+BITS_OVR = ["steps=2", "batch_size=1", "compute_dtype=float32", "warmup_steps=1", "lr_schedule_steps=2",
+            "checkpoint_every=2", "calib_prompts=1", "resample_noise=false", "async_checkpointing=false"]
+
+
+def _small_config(name, w, a):
+    """Cheap configs: QVGen rank 2 in 2 stages of 1 step (Φ gone after step 2), EfficientDM LoRA rank 4."""
+    if name == "qvgen":
+        return qvgen.Config(w_bits=w, a_bits=a, rank=2, clip_groups=5, stage_steps=1, lr_weight=1e-3,
+                            lr_quant=1e-3, lr_phi=1e-3)
+    if name == "lsq":
+        return lsq.Config(w_bits=w, a_bits=a, lr_weight=1e-3, lr_quant=1e-3)
+    return efficientdm.Config(w_bits=w, a_bits=a, lora_rank=4, step_groups=5, lr_lora=1e-3)
+
+
+def _latents(stack, model):
+    from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
+
+    noise = jax.random.normal(jax.random.key(3), (1, *stack.latent_shape))
+    pipe = CausalInferencePipeline(model, stack.t2v.pipeline.config)
+    return np.asarray(pipe.generate(noise, jnp.asarray(stack.embeds(DEMO_PROMPTS[:1])), seed=0))
+
+
+@pytest.mark.parametrize("name,bits", [
+    pytest.param(n, b, marks=() if (n, b) == ("qvgen", "w3a3") else pytest.mark.slow)
+    for n in ("qvgen", "lsq", "efficientdm") for b in BITS])
+def test_bits_train_export_integer_generate(name, bits, stack, tmp_path):
+    """W3A3 / W4A8 / W8A8 end to end (library API, 1 device, 2 steps): training runs, the deployed model has
+    no Φ / LoRA and its layers carry the bit widths, every output channel of the fake-quant weight takes at
+    most 2^w values, the integer export stores codes in [-2^(w-1), 2^(w-1) - 1] (int8 containers, also for
+    W3) that use more than half of that range, and the integer model's latents match the fake-quant
+    model's (relative MSE < 1e-3: activation codes may round differently across a quantization boundary)."""
+    from qarvd_jax.quant.checkpoint import load_quantized_model
+    from qarvd_jax.quant.integer.export import export_model, save_export
+    from qarvd_jax.quant.integer.int_linear import load_integer_model
+    from qarvd_jax.quant.methods.model import iter_method_layers
+    from qarvd_jax.train.qat import run_qat
+    from qarvd_jax.train.sharding import make_mesh
+
+    w, a = BITS[bits]
+    cfg = load_qat_config(None, BITS_OVR)
+    res = run_qat(stack, cfg, DEMO_PROMPTS[:2], out_dir=str(tmp_path / "run"), mesh=make_mesh("", jax.devices()[:1]),
+                  method=(name, _small_config(name, w, a)))
+    assert res.step == 2 and len(res.history) == 2 and all(np.isfinite(r["loss"]) for r in res.history)
+    if name == "qvgen":
+        assert [r["phi_rank"] for r in res.history] == [1, 0]
+        assert res.history[-1]["phi_params"] == 0
+    fake, meta = load_quantized_model(res.quantized)
+    assert meta["method"] == name
+    layers = dict(iter_method_layers(fake))
+    assert layers and all(lyr.method == name for lyr in layers.values())
+    for lname, lyr in layers.items():
+        st = lyr.static
+        assert (st.w_bits, st.a_bits, st.rank, st.lora) == (w, a, 0, 0), lname
+        assert not {"lr_down", "lr_up", "phi_gamma", "lora_down", "lora_up"} & set(lyr.state_names), lname
+        q = lyr.quantized_layer()
+        wq = np.asarray(lq.effective_weight(q.kernel, q.state, q.static))
+        assert max(len(np.unique(row)) for row in wq) <= 2 ** w, lname
+    trees, imeta = export_model(fake)
+    assert set(imeta["layers"]) == set(layers)
+    for lname, info in imeta["layers"].items():
+        assert (info["w_bits"], info["a_bits"]) == (w, a)
+        node = trees["int"]
+        for p in info["path"]:
+            node = node[p]
+        codes = node["w_codes"]
+        assert codes.dtype == np.int8 and codes.min() >= -2 ** (w - 1) and codes.max() <= 2 ** (w - 1) - 1, lname
+        assert int(codes.max()) - int(codes.min()) > 2 ** (w - 1), lname  # the codes use the range of w bits
+    save_export(tmp_path / "int", trees, imeta)
+    integer = load_integer_model(tmp_path / "int", backend="xla")
+    y_fake, y_int = _latents(stack, fake), _latents(stack, integer)
+    assert np.all(np.isfinite(y_fake))
+    rel = float(np.mean((y_int - y_fake) ** 2) / np.var(y_fake))
+    assert rel < 1e-3, rel
