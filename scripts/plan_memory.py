@@ -11,8 +11,14 @@ compiled calibration call (a quantized ``forward_chunk``).
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python scripts/plan_memory.py \\
         --preset selfforcing_1_3b --mesh fsdp=8 --json plan.json
 
-``--json FILE`` writes ``{"qat": {"per_device_bytes": {"arguments", "temp", "total"}, "mesh": {...},
-"videos_per_device": n, ...}, "calibration": {"host_bytes": H, "device_bytes": D, ...}}``.
+``--method qvgen|lsq|efficientdm`` plans that QAT method's step (:mod:`qarvd_jax.train.method_qat`: full
+fine-tune student with the method's layers, separate full-precision teacher; method ``Config`` fields go
+with the ``key=value`` overrides, e.g. ``w_bits=3 a_bits=3``) instead of Q-ARVD's QAT (``qat``, default);
+the calibration plan is Q-ARVD's and is skipped for the methods.
+
+``--json FILE`` writes ``{"qat": {"per_device_bytes": {"arguments", "temp", "total" (= arguments + temp),
+"output", "alias", "peak" (XLA's peak_memory_in_bytes)}, "mesh": {...},
+"videos_per_device": n, "method": ..., ...}, "calibration": {"host_bytes": H, "device_bytes": D, ...}}``.
 Figures are XLA:CPU's buffer assignment (see docs/benchmarks.md for the caveats).
 """
 
@@ -37,12 +43,15 @@ def _parse(argv):
     p.add_argument("--mesh", default="", help="mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: all devices on fsdp)")
     p.add_argument("--videos-per-device", type=int, default=1)
     p.add_argument("--config", default=None, help="QAT config YAML")
+    p.add_argument("--method", default="qat", choices=["qat", "qvgen", "lsq", "efficientdm"],
+                   help="the QAT step to plan: Q-ARVD's QAT (default) or a QAT method of qarvd_jax.quant.methods")
     p.add_argument("--skip-calibration", action="store_true")
     p.add_argument("--calib-prompts", type=int, default=1)
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--count-gathers", action="store_true", help="also count the compiled step's all-gathers by "
                    "dtype, in the entry computation and in loop bodies (weights gathered per layer or whole)")
-    p.add_argument("overrides", nargs="*", help="QATConfig key=value overrides")
+    p.add_argument("overrides", nargs="*", help="QATConfig key=value overrides (with --method: also the method's "
+                   "Config fields)")
     return p.parse_args(argv)
 
 
@@ -67,16 +76,29 @@ def build(args):
     latent_shape = (f, base.in_dim, h, w)
     mesh_spec = args.mesh or f"fsdp={jax.device_count()}"
     mesh = shd.make_mesh(mesh_spec)
-    rules = shd.rules_table(load_qat_config(args.config, args.overrides).logical_axis_rules)
+    method_overrides, qat_overrides = [], list(args.overrides)
+    if args.method != "qat":
+        from qarvd_jax.train.method_qat import split_overrides
+
+        method_overrides, qat_overrides = split_overrides(args.method, args.overrides)
+    rules = shd.rules_table(load_qat_config(args.config, qat_overrides).logical_axis_rules)
     shards = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
     overrides = [f"batch_size={args.videos_per_device * shards}", f"mesh={mesh_spec}", "dual_scale=false",
-                 *args.overrides]
+                 *qat_overrides]
     cfg = load_qat_config(args.config, overrides)
     mcfg = base.replace(param_dtype="float32", dtype=cfg.compute_dtype, attention=cfg.attention)
-    model = nnx.eval_shape(lambda: CausalWanModel(mcfg, rngs=nnx.Rngs(0)))
-    quantize_model(model, cfg.recipe().rules(), outliers={})
     sampler = InferenceConfig()
-    trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, abstract=True)
+    if args.method == "qat":
+        model = nnx.eval_shape(lambda: CausalWanModel(mcfg, rngs=nnx.Rngs(0)))
+        quantize_model(model, cfg.recipe().rules(), outliers={})
+        trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, abstract=True)
+    else:
+        from qarvd_jax.quant.methods import load_method_config
+        from qarvd_jax.train.method_qat import MethodHooks
+
+        hooks = MethodHooks(args.method, load_method_config(args.method, None, method_overrides), cfg)
+        model = hooks.abstract_student(base)
+        trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, abstract=True, hooks=hooks)
     return trainer, model, cfg, mesh, latent_shape, sampler, mcfg
 
 
@@ -92,10 +114,13 @@ def analytic(trainer, cfg, mcfg, mesh, latent_shape, vpd: int) -> dict:
     cache = 2 * mcfg.num_layers * f * fsl * mcfg.num_heads * mcfg.head_dim * np.dtype(mcfg.dtype).itemsize
     opt = size(jax.eval_shape(trainer.tx.init, trainer._host_trainable))
     block_in = mcfg.num_layers * mcfg.num_frame_per_block * fsl * mcfg.dim * np.dtype(mcfg.dtype).itemsize
-    return {"weights_sharded": size(trainer._host_frozen) // fsdp + size(trainer._host_trainable) // fsdp,
-            "optimizer_sharded": opt // fsdp,
-            "kv_caches_teacher_and_student": 2 * cache * vpd,
-            "block_inputs_saved": block_in * vpd}
+    out = {"weights_sharded": size(trainer._host_frozen) // fsdp + size(trainer._host_trainable) // fsdp,
+           "optimizer_sharded": opt // fsdp,
+           "kv_caches_teacher_and_student": 2 * cache * vpd,
+           "block_inputs_saved": block_in * vpd}
+    if trainer.hooks is not None:  # a method's separate full-precision teacher (compute dtype)
+        out["teacher_weights_sharded"] = size(trainer.teacher) // fsdp
+    return out
 
 
 def count_gathers(hlo: str) -> dict:
@@ -116,7 +141,7 @@ def compile_qat(trainer, gathers: bool = False) -> tuple[dict, float]:
     ma = compiled.memory_analysis()
     a, t = int(ma.argument_size_in_bytes), int(ma.temp_size_in_bytes)
     out = {"arguments": a, "temp": t, "total": a + t, "output": int(ma.output_size_in_bytes),
-           "alias": int(ma.alias_size_in_bytes)}
+           "alias": int(ma.alias_size_in_bytes), "peak": int(getattr(ma, "peak_memory_in_bytes", 0) or 0)}
     if gathers:
         out["all_gathers"] = count_gathers(compiled.as_text())
     return out, time.perf_counter() - t0
@@ -175,21 +200,26 @@ def main(argv=None) -> int:
 
     trainer, model, cfg, mesh, latent_shape, sampler, mcfg = build(args)
     qat, secs = compile_qat(trainer, args.count_gathers)
-    out = {"qat": {"per_device_bytes": {k: qat[k] for k in ("arguments", "temp", "total")}, "mesh": dict(mesh.shape),
+    out = {"qat": {"per_device_bytes": {k: qat[k] for k in ("arguments", "temp", "total", "output", "alias", "peak")},
+                   "mesh": dict(mesh.shape),
                    "videos_per_device": args.videos_per_device, "compile_s": round(secs, 1),
                    "analytic_bytes": analytic(trainer, cfg, mcfg, mesh, latent_shape, args.videos_per_device),
                    "preset": args.preset, "layers": mcfg.num_layers, "latent_shape": list(latent_shape),
                    "devices": jax.device_count(), "backend": jax.default_backend(),
-                   "rollout_gradient": cfg.rollout_gradient}}
-    print(f"QAT step, mesh {dict(mesh.shape)}, {args.videos_per_device} video(s)/device, compiled in {secs:.0f} s")
-    for k in ("arguments", "temp", "total"):
+                   "rollout_gradient": cfg.rollout_gradient, "method": args.method,
+                   **({} if trainer.hooks is None else {"method_config": trainer.hooks.describe()["config"]})}}
+    label = "QAT" if args.method == "qat" else f"{args.method} QAT"
+    print(f"{label} step, mesh {dict(mesh.shape)}, {args.videos_per_device} video(s)/device, compiled in {secs:.0f} s")
+    for k in ("arguments", "output", "temp", "total", "peak"):
         print(f"  {k:>10}: {qat[k] / GIB:8.2f} GiB per device")
     if "all_gathers" in qat:
         out["qat"]["all_gathers"] = qat["all_gathers"]
         print(f"  all-gathers by dtype: entry {qat['all_gathers']['entry']}, loop bodies {qat['all_gathers']['loops']}")
     for k, v in out["qat"]["analytic_bytes"].items():
         print(f"  analytic {k}: {v / GIB:.2f} GiB")
-    if not args.skip_calibration:
+    if args.method != "qat" and not args.skip_calibration:
+        print(f"calibration: not planned for --method {args.method} (the planner covers Q-ARVD's calibration)")
+    elif not args.skip_calibration:
         cal = calibration(model, cfg, mcfg, latent_shape, sampler, args.calib_prompts)
         out["calibration"] = cal
         print(f"calibration: host {cal['host_bytes'] / GIB:.2f} GiB ({cal['groups']} layer groups, budget "

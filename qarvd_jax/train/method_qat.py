@@ -136,6 +136,29 @@ class MethodHooks:
         self.module.quantize_model(model, cal, self.config)
         return model
 
+    def abstract_student(self, model_config):
+        """Shapes only (memory planning, ``scripts/plan_memory.py``): the quantized float32-master student of
+        ``model_config`` as an ``nnx.eval_shape`` model; the teacher is kept abstract too. Layers that need
+        calibration get zero inputs (their activation steps are computed eagerly on them; only shapes matter)."""
+        from qarvd_jax.models.wan.model import CausalWanModel
+        from qarvd_jax.quant.methods.model import default_rules, resolve_rules
+
+        mcfg = model_config.replace(param_dtype="float32", dtype=self.cfg.compute_dtype, attention=self.cfg.attention)
+        make = lambda: CausalWanModel(mcfg, rngs=nnx.Rngs(0))  # noqa: E731
+        self.fp_model = nnx.eval_shape(make)
+        cal = None
+        if self.module.needs_calibration(self.config):
+            plan = resolve_rules(self.fp_model, default_rules(self.config), self.name, self.config)
+            cal = {n: np.zeros((16, lin.kernel.shape[0]), np.float32) for n, (_, lin, _, _) in plan.items()}
+
+        def build():
+            model = make()
+            with jax.ensure_compile_time_eval():  # calibration-only arithmetic on the concrete zero inputs
+                self.module.quantize_model(model, cal, self.config)
+            return model
+
+        return nnx.eval_shape(build)
+
     def teacher(self, trainer, latent_shape, sampler, omega, abstract: bool):
         """``(states, shardings, Distiller)`` of the full-precision teacher (Params in the compute dtype)."""
         from qarvd_jax.train.qat import _put
