@@ -14,7 +14,8 @@ Recipe (``qarvd quantize --method qat``):
 3. Orbax checkpoints every ``checkpoint_every`` steps and at the end; a rerun of the same command
    resumes from the latest one. ``OUT/quantized`` (``save_quantized``) at the end.
 
-Outputs in ``OUT``: ``checkpoints/``, ``train_log.jsonl``, ``train_loss.png``, ``quantized/``, ``qat.json``
+Outputs in ``OUT`` (a local folder or a URL such as ``gs://bucket/run``, written through ``etils.epath``):
+``checkpoints/``, ``train_log.jsonl``, ``train_loss.png``, ``quantized/``, ``qat.json``
 (the log, plot, resume checks and SIGTERM handling live in :mod:`qarvd_jax.train.run_io`).
 """
 
@@ -41,9 +42,11 @@ from qarvd_jax.train import sharding as shd
 from qarvd_jax.train.config import QATConfig
 from qarvd_jax.train.data import PromptDataset, PromptSource, check_batch_divisible, read_prompts_range
 from qarvd_jax.train.rollout import Distiller
-from qarvd_jax.train.run_io import _check_resume, _Preemption, _read_log, _write_log, plot_losses
+from qarvd_jax.train.run_io import (_append_log, _check_resume, _Preemption, _read_log, _write_log, plot_losses,
+                                    write_run_json)
 from qarvd_jax.train.state import (QATCheckpointer, TrainState, abstract_like, lr_schedule, make_optimizer,
                                    project_scales, trainable_filter)
+from qarvd_jax.utils.epaths import check_url_backend, out_path
 
 __all__ = ["initialize_distributed", "validate_mesh", "load_chunk_weights", "prepare_student", "calibrate_student", "train_step",
            "QATTrainer", "QATResult", "run_qat"]
@@ -391,16 +394,14 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
         source = PromptSource(prompts=tuple(source), max_prompts=cfg.max_prompts)
     mesh = mesh if mesh is not None else shd.make_mesh(cfg.mesh)
     validate_mesh(cfg, mesh, stack.dit.config)  # before calibration and any other heavy work
-    if "://" in os.fspath(out_dir):  # never let gs://b/x become a local folder ./gs:/b/x
-        raise ValueError(f"--out {out_dir}: URL outputs are not supported yet; use a path every host sees "
-                         f"(a shared file system or a bucket mount such as gcsfuse)")
+    out = out_path(out_dir)  # local: absolute; gs://... stays a URL (epath), never a local ./gs: folder
+    check_url_backend(out)  # creates the folder; a missing gs:// client fails here, before calibration
     main = jax.process_index() == 0
     latent_shape = stack.latent_shape
     sampler = stack.t2v.pipeline.config
     num_chunks = latent_shape[0] // stack.dit.config.num_frame_per_block
     omega, sens = load_chunk_weights(sensitivity, num_chunks)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = QATCheckpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.keep_checkpoints,
+    ckpt = QATCheckpointer(out / "checkpoints", keep=cfg.keep_checkpoints,
                            async_save=cfg.async_checkpointing)
     latest = ckpt.latest_step()
     data = PromptDataset.from_source(source, stack.embeds, global_batch=cfg.batch_size, seed=cfg.seed,
@@ -418,7 +419,7 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
         calibrate_student(model, cfg, sampler, stack.embeds(calib), latent_shape, omega)
     trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, omega, jit_cache=jit_cache, hooks=hooks)
     del model
-    log_path = os.path.join(out_dir, "train_log.jsonl")
+    log_path = out / "train_log.jsonl"
     if latest is None:
         state, rows = trainer.init_state(), []
     else:
@@ -457,7 +458,7 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
                **{k: int(m[k]) for k in (hooks.log_keys if hooks is not None else ())}}
         rows.append(row)
         if main:
-            _write_log(log_path, [row], mode="a")
+            _append_log(log_path, row, rows)
             bar.set_postfix(loss=f"{row['loss']:.4g}", gnorm=f"{row['grad_norm']:.3g}")
 
     stop = _Preemption()
@@ -501,22 +502,20 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
     if saved != final:
         ckpt.save(final, state, trainer.frozen, meta_for(final))
     ckpt.close()
-    quant_dir = os.path.join(out_dir, "quantized")
+    quant_dir = out / "quantized"
     exported = trainer.export_model(state, stack.dit.config)
     if main:
         if rows:
-            (plot_losses if hooks is None else hooks.plot)(rows, os.path.join(out_dir, "train_loss.png"))
+            (plot_losses if hooks is None else hooks.plot)(rows, out / "train_loss.png")
         meta = {"method": "qat" if hooks is None else hooks.name, "qat": cfg.to_dict(), "sensitivity": sens,
                 "steps": final, **({} if hooks is None else {"method_config": hooks.describe()["config"]}),
                 "chunk_weights": None if omega is None else omega.tolist()}
         save_quantized(quant_dir, exported, metadata=meta, overwrite=True)  # host arrays, no cross-process sync
-        from qarvd_jax.workflow import write_json
-
-        write_json(os.path.join(out_dir, "qat.json"), {**meta, "mesh": dict(mesh.shape), "resumed_from": latest,
-                                                      "final_loss": rows[-1]["loss"] if rows else None})
+        write_run_json(out / "qat.json", {**meta, "mesh": dict(mesh.shape), "resumed_from": latest,
+                                          "final_loss": rows[-1]["loss"] if rows else None})
     if jax.process_count() > 1:  # the others wait until OUT/quantized is written
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("qarvd_qat_export_done")
-    return QATResult(step=final, history=rows, resumed_from=latest, quantized=quant_dir,
+    return QATResult(step=final, history=rows, resumed_from=latest, quantized=os.fspath(quant_dir),
                      state=state if return_state else None)

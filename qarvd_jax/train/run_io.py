@@ -1,5 +1,7 @@
 """The run folder of :func:`qarvd_jax.train.qat.run_qat`: ``train_log.jsonl`` (read / append), the loss plot
-(``train_loss.png``), the checks that refuse an incompatible resume, and SIGTERM (preemption) handling."""
+(``train_loss.png``), ``qat.json``, the checks that refuse an incompatible resume, and SIGTERM (preemption)
+handling. Paths are local or URLs (``gs://...``), read and written through ``etils.epath``
+(:mod:`qarvd_jax.utils.epaths`)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import os
 
 import jax
 import numpy as np
+from etils import epath
 
 from qarvd_jax.train.config import QATConfig
+from qarvd_jax.utils.epaths import is_url
 
 __all__ = ["plot_losses"]
 
@@ -45,18 +49,37 @@ class _Preemption:
             self._old = None
 
 
-def _read_log(path: str, upto: int) -> list[dict]:
-    if not os.path.isfile(path):
+def _read_log(path, upto: int) -> list[dict]:
+    path = epath.Path(path)
+    if not path.is_file():
         return []
-    with open(path) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("step", 0) <= upto]
 
 
-def _write_log(path: str, rows: list[dict], mode: str = "w") -> None:
-    with open(path, mode) as fh:
+def _write_log(path, rows: list[dict], mode: str = "w") -> None:
+    with epath.Path(path).open(mode) as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
+
+
+def _append_log(path, row: dict, rows: list[dict]) -> None:
+    """Add ``row`` (the last of ``rows``) to the log: appended locally; object stores (``gs://``...) cannot
+    append, so there the whole log ``rows`` is rewritten."""
+    if is_url(path):
+        _write_log(path, rows)
+    else:
+        _write_log(path, [row], mode="a")
+
+
+def write_run_json(path, obj) -> None:
+    """``qat.json``: atomically (temp + rename) locally; one object write on a URL."""
+    if is_url(path):
+        epath.Path(path).write_text(json.dumps(obj, indent=2))
+    else:
+        from qarvd_jax.workflow import write_json
+
+        write_json(os.fspath(path), obj)
 
 
 def plot_losses(rows: list[dict], path: str, *, title: str = "QAT: quantized vs full-precision flows",
@@ -82,7 +105,8 @@ def plot_losses(rows: list[dict], path: str, *, title: str = "QAT: quantized vs 
         ax2.set_ylabel("Φ rank (max over layers)", color="C3")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    with epath.Path(path).open("wb") as fh:  # local or URL
+        fig.savefig(fh, format="png")
     plt.close(fig)
 
 

@@ -116,15 +116,18 @@ def abstract_like(tree, shardings):
 
 
 class QATCheckpointer:
-    """Orbax ``CheckpointManager`` under ``directory`` with items ``state``, ``frozen`` and ``meta``."""
+    """Orbax ``CheckpointManager`` under ``directory`` with items ``state``, ``frozen`` and ``meta``.
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    ``directory``: a local path (made absolute) or a URL ``etils.epath`` handles (``gs://...``, passed to
+    Orbax untouched); ``self.directory`` is its ``epath.Path``."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         import orbax.checkpoint as ocp
 
+        from qarvd_jax.utils.epaths import out_path
+
         self._ocp = ocp
-        if "://" in os.fspath(directory):
-            raise ValueError(f"{directory}: URL checkpoint folders are not supported yet (use a mounted path)")
-        self.directory = os.path.abspath(directory)
+        self.directory = out_path(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "frozen", "meta"))
