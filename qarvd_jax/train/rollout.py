@@ -84,8 +84,8 @@ class Distiller:
         ``per_call``); one graphdef: blocks stacked and scanned (unless ``scan_layers`` is false).
       remat_policy: name of a ``jax.checkpoint_policies`` entry (default ``nothing_saveable``).
       activation_sharding: optional ``(logical axes, shape) -> NamedSharding``
-        (:func:`qarvd_jax.train.sharding.activation_sharding`): block activations, q/k/v and the
-        stacked KV caches are constrained to ``batch`` / ``context`` / ``heads``.
+        (:func:`qarvd_jax.train.sharding.activation_sharding`): block activations, q/k/v, the FFN hidden
+        and the stacked KV caches are constrained to ``batch`` / ``context`` / ``heads`` / ``mlp``.
       step_context: (``per_call``) write the pass and chunk index into every ``step_index`` /
         ``chunk_index`` leaf of the frozen state before each student call, as the pipeline does
         (per-timestep quantizers of :mod:`qarvd_jax.quant.methods`); cross-attention K/V: step 0.
@@ -149,7 +149,8 @@ class Distiller:
 
         return jax.tree.map(one, tree)
 
-    _LOGICAL = {"hidden": ("batch", None, "context", "embed"), "heads": ("batch", "context", "heads", None)}
+    _LOGICAL = {"hidden": ("batch", None, "context", "embed"), "heads": ("batch", "context", "heads", None),
+                "mlp": ("batch", "context", "mlp")}
 
     def _constrain_activation(self, kind: str, x):
         return jax.lax.with_sharding_constraint(x, self.activation_sharding(self._LOGICAL[kind], x.shape))

@@ -138,7 +138,7 @@ class CausalWanBlock(nnx.Module):
         self.ffn = nnx.Sequential(_linear(cfg, cfg.dim, cfg.ffn_dim, rngs), _gelu_tanh,
                                   _linear(cfg, cfg.ffn_dim, cfg.dim, rngs))
 
-    def __call__(self, x, e0, cross_k, cross_v, self_attend, attn_fn):
+    def __call__(self, x, e0, cross_k, cross_v, self_attend, attn_fn, ffn_hidden=None):
         """One block.
 
         Args:
@@ -147,6 +147,8 @@ class CausalWanBlock(nnx.Module):
           cross_k, cross_v: [B, Lc, H, D] precomputed cross-attention keys/values.
           self_attend: ``(SelfAttention, h [B, L, dim]) -> [B, L, dim]`` (mask or KV-cache mode).
           attn_fn: attention function (unmasked) used for cross-attention.
+          ffn_hidden: optional ``h [B, L, ffn_dim] -> h`` applied to the FFN hidden activations (a sharding
+            constraint); None: ``ffn`` as one Sequential.
         """
         b, f, s, dim = x.shape
         mod = self.modulation[...].astype(e0.dtype)[:, None] + e0  # [B, F, 6, dim]
@@ -160,8 +162,12 @@ class CausalWanBlock(nnx.Module):
         cross = self.cross_attn.output(attn_fn(q, cross_k, cross_v))
         x = x + cross.reshape(b, f, s, dim)
         h = (layer_norm(x, self.eps) * (1 + m[4]) + m[3]).reshape(b, f * s, dim)
-        y = self.ffn(h).reshape(b, f, s, dim)
-        return x + y * m[5]
+        if ffn_hidden is None:
+            y = self.ffn(h)
+        else:
+            up, act, down = self.ffn.layers
+            y = down(ffn_hidden(act(ffn_hidden(up(h)))))
+        return x + y.reshape(b, f, s, dim) * m[5]
 
 
 class CausalHead(nnx.Module):
@@ -244,7 +250,8 @@ class BlockStack:
         rematerialised in the backward pass, saving what the policy allows (``nothing_saveable``:
         only the block inputs).
       constrain: optional ``(kind, x) -> x`` sharding constraint of activations, kind ``"hidden"``
-        (block input [B, F, S, dim]) or ``"heads"`` (q/k/v [B, L, H, D]); None: XLA decides.
+        (block input [B, F, S, dim]), ``"heads"`` (q/k/v [B, L, H, D]) or ``"mlp"`` (FFN hidden
+        [B, L, ffn_dim]); None: XLA decides.
     """
 
     graphdefs: tuple
@@ -483,6 +490,7 @@ class CausalWanModel(nnx.Module):
             return attn_fn(q, k, v, precision=prec)
 
         cons = blocks.constrain or (lambda _kind, a: a)
+        ffn_hidden = (lambda a: blocks.constrain("mlp", a)) if blocks.constrain is not None else None
 
         def body(h, blk, xs):
             gdef, states = blk
@@ -502,7 +510,7 @@ class CausalWanModel(nnx.Module):
                 return attn.output(attn_fn(q, kc.astype(q.dtype), vc.astype(q.dtype), kv_len=local_end,
                                            precision=prec))
 
-            h = block(h, e0, ck, cv, self_attend, cross_attend)
+            h = block(h, e0, ck, cv, self_attend, cross_attend, ffn_hidden)
             return h, new[0]
 
         tokens = self.patch_embedding(patchify(x.astype(_dtype(cfg.dtype)), cfg.patch_size))
