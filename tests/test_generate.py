@@ -124,3 +124,17 @@ def test_builtin_tiny_model_is_the_same_in_every_dtype(tmp_path):
     k16 = pb["blocks"][1]["ffn"]["layers"][0]["kernel"]
     assert k16.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(k16, k32.astype(ml_dtypes.bfloat16))
+
+
+def test_prompt_embedding_cache_of_a_url_output_is_local(tmp_path, monkeypatch):
+    """A gs:// run folder (QAT through etils.epath) must not turn into a local ./gs: cache folder."""
+    import tempfile
+
+    from qarvd_jax.pipeline.text_to_video import embed_cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    a = embed_cache_dir(GenerateConfig(), "gs://bucket/run")
+    b = embed_cache_dir(GenerateConfig(), "gs://bucket/other")
+    assert os.path.isabs(a) and a.startswith(tempfile.gettempdir()) and a != b and "gs:" not in a
+    assert embed_cache_dir(GenerateConfig(), "runs/x") == os.path.join("runs/x", "prompt_embeds_cache")
+    assert embed_cache_dir(GenerateConfig(embed_cache_dir="/c"), "gs://bucket/run") == "/c"

@@ -253,6 +253,24 @@ def _real_defaults(cfg: GenerateConfig) -> GenerateConfig:
                                width=cfg.width or 832, dtype=cfg.dtype or "bfloat16")
 
 
+def embed_cache_dir(cfg: GenerateConfig, out_dir: str) -> str:
+    """The prompt-embedding cache folder: ``cfg.embed_cache_dir``, else ``OUT/prompt_embeds_cache``; for a URL
+    ``OUT`` (``gs://...``: QAT runs write there through etils.epath) a local folder keyed by the URL under the
+    system temp dir, so the URL never becomes a local ``./gs:`` folder."""
+    if cfg.embed_cache_dir:
+        return cfg.embed_cache_dir
+    if "://" in os.fspath(out_dir):
+        import hashlib
+        import tempfile
+
+        key = hashlib.sha256(os.fspath(out_dir).encode()).hexdigest()[:16]
+        path = os.path.join(tempfile.gettempdir(), "qarvd_prompt_embeds", key)
+        log.info("--out %s is a URL: prompt embeddings are cached locally in %s (--embed-cache to choose)",
+                 out_dir, path)
+        return path
+    return os.path.join(out_dir, "prompt_embeds_cache")
+
+
 def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[TextToVideo, GenerateConfig]:
     """Load (or build the tiny random) encoder, DiT and VAE as ``cfg`` says.
 
@@ -313,7 +331,7 @@ def build_text_to_video(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[Te
         def make_encoder():
             return make_prompt_encoder(UMT5Encoder(t5_cfg, rngs=nnx.Rngs(cfg.seed + 2)),
                                        ToyTokenizer(t5_cfg.vocab_size, text_len))
-    cache_dir = cfg.embed_cache_dir or os.path.join(out_dir, "prompt_embeds_cache")
+    cache_dir = embed_cache_dir(cfg, out_dir)
 
     def encode(prompts: list[str]) -> np.ndarray:
         holder: dict = {}
@@ -352,7 +370,7 @@ def _build_testbed(cfg: GenerateConfig, out_dir: str, dit=None) -> tuple[TextToV
     sampler = dataclasses.replace(spec.sampler, **{f.name: getattr(cfg.sampler, f.name)
                                                    for f in dataclasses.fields(cfg.sampler) if f.name.startswith("kv_")})
     encoder = make_prompt_encoder(t5, ToyTokenizer(t5.config.vocab_size, TEXT_LEN))
-    cache_dir = cfg.embed_cache_dir or os.path.join(out_dir, "prompt_embeds_cache")
+    cache_dir = embed_cache_dir(cfg, out_dir)
     encoder_id = f"builtin-testbed-umt5-{spec.info.get('umt5_sha256', 'untracked')[:16]}"
 
     def encode(prompts: list[str]) -> np.ndarray:
