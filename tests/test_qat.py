@@ -72,6 +72,19 @@ def calibrated(stack, cfg, sensitivity):
     return model, omega
 
 
+def sharded_and_single_step(stack, cfg, calibrated, mesh_spec: str, jit_cache=None):
+    """One QAT step of the calibrated model on ``mesh_spec`` and on one device, from the same batch of 8:
+    ``(sharded_trainer, single_trainer, (sharded_state, sharded_metrics), (single_state, single_metrics))``."""
+    model, omega = calibrated
+    sharded = qat_mod.QATTrainer(model, cfg, make_mesh(mesh_spec), stack.latent_shape, stack.t2v.pipeline.config,
+                                 omega, jit_cache=jit_cache)
+    single = qat_mod.QATTrainer(model, cfg, make_mesh("", jax.devices()[:1]), stack.latent_shape,
+                                stack.t2v.pipeline.config, omega)
+    data = PromptDataset(np.arange(8), stack.embeds(DEMO_PROMPTS), global_batch=8, seed=0)
+    multi = sharded.step(sharded.init_state(), data.global_batch_arrays(0, sharded.batch_sh))
+    return sharded, single, multi, single.step(single.init_state(), data.global_batch_arrays(0, single.batch_sh))
+
+
 def _host(tree):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(tree))
 
@@ -255,13 +268,7 @@ def test_sharded_step_matches_unsharded(stack, cfg, calibrated):
     """
     model, omega = calibrated
     mesh = make_mesh(MESH)
-    sharded = qat_mod.QATTrainer(model, cfg, mesh, stack.latent_shape, stack.t2v.pipeline.config, omega,
-                                 jit_cache=JIT_CACHE)
-    single = qat_mod.QATTrainer(model, cfg, make_mesh("", jax.devices()[:1]), stack.latent_shape,
-                                stack.t2v.pipeline.config, omega)
-    data = PromptDataset(np.arange(8), stack.embeds(DEMO_PROMPTS), global_batch=8, seed=0)
-    s8, m8 = sharded.step(sharded.init_state(), data.global_batch_arrays(0, sharded.batch_sh))
-    s1, m1 = single.step(single.init_state(), data.global_batch_arrays(0, single.batch_sh))
+    sharded, single, (s8, m8), (s1, m1) = sharded_and_single_step(stack, cfg, calibrated, MESH, jit_cache=JIT_CACHE)
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-4)
     np.testing.assert_allclose(m8["chunk_loss"], m1["chunk_loss"], rtol=1e-4)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-3)

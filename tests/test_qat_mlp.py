@@ -7,14 +7,9 @@ from __future__ import annotations
 import collections
 import re
 
-import jax
 import numpy as np
 
-from qarvd_jax.train import qat as qat_mod
-from qarvd_jax.train.data import PromptDataset
-from qarvd_jax.train.sharding import make_mesh
-from qarvd_jax.workflow import DEMO_PROMPTS
-from test_qat import calibrated, cfg, sensitivity, stack  # noqa: F401  (fixtures)
+from test_qat import calibrated, cfg, sensitivity, sharded_and_single_step, stack  # noqa: F401  (fixtures)
 from test_qat_gathers import abstract_trainer
 
 MESH = "fsdp=2,tensor=4"
@@ -42,14 +37,7 @@ def test_tensor_parallel_step_matches_unsharded(stack, cfg, calibrated):  # noqa
     """One step on fsdp=2,tensor=4 (FFN hidden and heads on tensor) equals the single-device step (float32).
     Losses rtol 5e-4 (measured 1.2e-4: the row-parallel o / ffn.2 contractions are summed in 4 parts, and
     fake quantizers amplify a rounding-boundary flip), gradient norm rtol 1e-3."""
-    model, omega = calibrated
-    c = cfg.replace(mesh=MESH)
-    sharded = qat_mod.QATTrainer(model, c, make_mesh(MESH), stack.latent_shape, stack.t2v.pipeline.config, omega)
-    single = qat_mod.QATTrainer(model, c, make_mesh("", jax.devices()[:1]), stack.latent_shape,
-                                stack.t2v.pipeline.config, omega)
-    data = PromptDataset(np.arange(8), stack.embeds(DEMO_PROMPTS), global_batch=8, seed=0)
-    _, m8 = sharded.step(sharded.init_state(), data.global_batch_arrays(0, sharded.batch_sh))
-    _, m1 = single.step(single.init_state(), data.global_batch_arrays(0, single.batch_sh))
+    _, _, (_, m8), (_, m1) = sharded_and_single_step(stack, cfg.replace(mesh=MESH), calibrated, MESH)
     np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=5e-4)
     np.testing.assert_allclose(m8["chunk_loss"], m1["chunk_loss"], rtol=5e-4)
     np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-3)
