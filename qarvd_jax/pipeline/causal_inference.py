@@ -170,7 +170,8 @@ class CausalInferencePipeline:
                 lambda m: m.forward_chunk(x_in, t, cross, cache, current_start), nnx.Intermediate)(model)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
             x0_next = jnp.where(s == num_steps, x0_prev, x0)
-            eps_next = (x0.astype(jnp.float32) + flow.astype(jnp.float32)).astype(noise.dtype)  # implied noise
+            eps_next = ((x0.astype(jnp.float32) + flow.astype(jnp.float32)).astype(noise.dtype)  # implied noise
+                        if euler else eps_prev)  # self_forcing: unused, not computed
             if bit_switch is not None:  # the accumulator of the chunk's own outputs (data-free)
                 gbs = (gbs_rule.update(gbs[0], high, flow, gbs[1], s == 0), flow.astype(jnp.float32))
             return (x0_next, eps_next, cache, gbs), (x_in, flow, x0, nnx.to_pure_dict(inter), high)
