@@ -362,3 +362,4 @@ def block_causal_mask(num_frames: int, frame_seq_length: int, num_frame_per_bloc
 
 
 from qarvd_jax.models.wan import sage_attention as _sage  # noqa: E402,F401  (registers sage_int8, sage_int8_fp8)
+from qarvd_jax.models.wan import splash_attention as _splash  # noqa: E402,F401  (registers splash)

@@ -23,6 +23,7 @@ from typing import Any
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qarvd_jax.models.wan import kv_cache as kvc
@@ -394,7 +395,8 @@ class CausalWanModel(nnx.Module):
         fsl = grid[1] * grid[2]
         if attn_mask is None:
             attn_mask = block_causal_mask(grid[0], fsl, cfg.num_frame_per_block, cfg.local_attn_size)
-        mask = jnp.asarray(attn_mask, bool)
+        # a numpy mask stays numpy (concrete under jit: attention='splash' builds its block table from it)
+        mask = np.asarray(attn_mask, bool) if isinstance(attn_mask, np.ndarray) else jnp.asarray(attn_mask, bool)
         cos, sin = rope_cos_sin(grid, 0, cfg.head_dim, cfg.rope_max_positions, cfg.rope_theta)
         ctx = self.embed_text(context)
         if taps is not None:
