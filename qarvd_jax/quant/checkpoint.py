@@ -15,9 +15,8 @@ from flax import nnx
 from qarvd_jax.models.wan.config import WanDiTConfig
 from qarvd_jax.quant.qlinear import QuantState, install_layers, iter_quant_layers
 from qarvd_jax.quant.recipe import LayerQuantConfig
-from qarvd_jax.utils.epaths import copy_tree, is_url, out_path
 from qarvd_jax.utils.nnx_io import load_variables
-from qarvd_jax.utils.orbax_io import is_orbax_dir, load_trees, save_trees
+from qarvd_jax.utils.orbax_io import check_committed, is_orbax_dir, load_trees, save_trees
 
 __all__ = ["QUANT_FORMAT", "save_quantized", "load_quantized_model", "is_quantized_checkpoint"]
 
@@ -31,7 +30,8 @@ def _host(tree):
 def save_quantized(dst: str | os.PathLike, model: nnx.Module, *, metadata: Mapping[str, Any] | None = None,
                    overwrite: bool = False) -> str:
     """Save a quantized CausalWanModel (params + QuantState + layer configs) as an Orbax directory; ``dst`` may
-    be a URL ``etils.epath`` handles (``gs://...``)."""
+    be a URL ``etils.epath`` handles (``gs://...``; uploaded, then committed by a marker file written last,
+    :data:`qarvd_jax.utils.orbax_io.COMMIT_MARKER`)."""
     from qarvd_jax.quant.methods.model import method_layers_metadata
 
     layers = {name: layer.cfg.to_dict() for name, layer in iter_quant_layers(model)}
@@ -43,29 +43,7 @@ def save_quantized(dst: str | os.PathLike, model: nnx.Module, *, metadata: Mappi
         meta["method_layers"] = method_layers
     params = _host(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     quant = _host(nnx.to_pure_dict(nnx.state(model, QuantState)))
-    if is_url(dst):
-        return _save_url(dst, {"params": params, "quant": quant}, meta, overwrite)
     return save_trees(dst, {"params": params, "quant": quant}, meta, overwrite=overwrite)
-
-
-def _save_url(dst, trees, meta, overwrite: bool) -> str:
-    """A URL destination (``gs://...``, :mod:`qarvd_jax.utils.epaths`): written to a local temporary folder,
-    then copied up; an existing checkpoint there is replaced only with ``overwrite``."""
-    import tempfile
-
-    from qarvd_jax.errors import OutputError
-
-    target = out_path(dst)
-    if target.exists():
-        if not overwrite:
-            raise OutputError(f"{target} exists; choose another path or overwrite it")
-        if not (target / "quant").exists():
-            raise OutputError(f"{target} exists and is not a quantized checkpoint; not replacing it")
-        target.rmtree()
-    with tempfile.TemporaryDirectory(prefix="qarvd-export-") as tmp:
-        local = save_trees(os.path.join(tmp, "quantized"), trees, meta)
-        copy_tree(local, target)
-    return os.fspath(target)
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
@@ -80,7 +58,8 @@ def load_quantized_model(path: str | os.PathLike, dtype: str | None = None):
     """
     from qarvd_jax.models.wan.model import CausalWanModel
 
-    path = os.fspath(path)
+    path = os.fspath(path)  # a local folder or a URL (gs://...)
+    check_committed(path)
     if not is_quantized_checkpoint(path):
         raise ValueError(f"{path}: not a quantized checkpoint (no quant/ item); produce one with `qarvd quantize`")
     trees, meta = load_trees(path, ("params", "quant"))

@@ -270,7 +270,9 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: 
     model, src_meta = load_quantized_model(src)
     FiniteCheck(os.fspath(src), allow_nonfinite).add_all(nonfinite_arrays(model)).finish()
     trees, meta = export_model(model, dtype, progress=progress)
-    meta["source"] = {"checkpoint": os.path.abspath(src),
+    from qarvd_jax.utils.epaths import is_url
+
+    meta["source"] = {"checkpoint": os.fspath(src) if is_url(src) else os.path.abspath(src),
                       **{k: v for k, v in src_meta.items() if k not in ("layers", "model_config", "format")}}
     save_export(dst, trees, meta, overwrite=overwrite)
     return meta
@@ -290,9 +292,10 @@ def _numpy_tree(tree):
 def load_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read an export: ``(trees, meta)`` as returned by :func:`export_model` (host numpy arrays)."""
     from qarvd_jax.quant.checkpoint import is_quantized_checkpoint
-    from qarvd_jax.utils.orbax_io import load_trees
+    from qarvd_jax.utils.orbax_io import check_committed, load_trees
 
     path = os.fspath(path)
+    check_committed(path)
     if not is_integer_export(path):
         hint = (" (it is a fake-quant checkpoint: run `qarvd export` on it first, or use --backend fake)"
                 if is_quantized_checkpoint(path) or is_quantized_checkpoint(os.path.join(path, "quantized"))
