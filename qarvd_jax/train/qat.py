@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, wraps
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from qarvd_jax.models.wan.attention import attention_sharding
 from qarvd_jax.models.wan.model import block_stack_plan
 from qarvd_jax.quant.qlinear import QuantState, iter_quant_layers, set_quant_flags, with_quant_flags
 from qarvd_jax.train import sharding as shd
@@ -162,6 +163,20 @@ def _step_key(cfg: QATConfig) -> tuple:
     return tuple(getattr(cfg, f) for f in _STEP_FIELDS) + (cfg.schedule_steps,)
 
 
+def _attention_sharded(step):
+    """``step`` traced inside :func:`~qarvd_jax.models.wan.attention.attention_sharding` of its distiller's
+    activation shardings: kernels jax cannot partition (``attention="splash"``) run under ``shard_map`` over
+    the mesh and the logical-axis rules."""
+
+    @wraps(step)
+    def traced(*args, distiller: Distiller, **kwargs):
+        with attention_sharding(distiller.activation_sharding):
+            return step(*args, distiller=distiller, **kwargs)
+
+    return traced
+
+
+@_attention_sharded
 def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict, *, distiller: Distiller,
                tx: optax.GradientTransformation, cfg: QATConfig, hooks=None, teacher_distiller=None):
     """One QAT step (pure).

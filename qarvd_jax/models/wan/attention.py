@@ -16,10 +16,17 @@ An attention function has the signature::
   them dequantized by the model.
 
 Register new implementations with :func:`register_attention`; pick one by name in the config.
+
+Kernels that jax cannot partition (a Pallas TPU kernel under a multi-device ``jit``) wrap themselves in
+``jax.shard_map`` inside an :func:`attention_sharding` context: the training step
+(:func:`qarvd_jax.train.qat.train_step`) sets it to its activation shardings (the mesh and the project's
+logical-axis rules), and ``"splash"`` splits q/k/v over their ``batch`` and ``heads`` rules.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 from functools import partial
 
@@ -31,7 +38,9 @@ from qarvd_jax.models.wan import kv_quant as kvq
 
 __all__ = [
     "AttentionFn",
+    "attention_sharding",
     "block_causal_mask",
+    "current_attention_sharding",
     "flash_attention",
     "get_attention",
     "reference_attention",
@@ -51,6 +60,28 @@ def get_attention(name: str) -> AttentionFn:
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention implementation {name!r}; registered: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+_SHARDING: contextvars.ContextVar = contextvars.ContextVar("attention_sharding", default=None)
+
+
+@contextlib.contextmanager
+def attention_sharding(sharding: Callable | None):
+    """Attention functions traced inside the ``with`` block see ``sharding``: a ``(logical axes, shape) ->
+    NamedSharding`` such as :func:`qarvd_jax.train.sharding.activation_sharding` (the mesh and its
+    logical-axis rules), or None (no mesh: the default). Kernels that jax cannot partition use it to wrap
+    themselves in ``jax.shard_map``; the others ignore it. Enter it inside the jitted function (as
+    :func:`~qarvd_jax.train.qat.train_step` does): jax's trace cache does not key on it."""
+    token = _SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _SHARDING.reset(token)
+
+
+def current_attention_sharding() -> Callable | None:
+    """The innermost :func:`attention_sharding` (None outside any)."""
+    return _SHARDING.get()
 
 
 def _combined_mask(lq: int, lk: int, mask, kv_len):

@@ -26,8 +26,17 @@ Selectable as ``WanDiTConfig(attention="splash")``. A thin adapter around
   ``min(kv_len, Lk)`` segment 0, the rest segment 1 (also how padded keys are excluded when there is
   no mask). Those key blocks are masked, not skipped (the table is static); ``"flash"`` skips them.
 * ``precision`` is ignored (the kernel's matmuls accumulate in float32).
-* **One device.** jax does not partition Mosaic kernels: under a multi-device ``jit`` the lowering
-  fails ("wrap the call in a shard_map"); no ``shard_map`` wrapper is provided here.
+* **Sharding.** jax does not partition Mosaic kernels (a bare call under a multi-device ``jit`` fails
+  to lower: "wrap the call in a shard_map"). Inside an
+  :func:`~qarvd_jax.models.wan.attention.attention_sharding` context over more than one device (the QAT
+  step sets it to its mesh and logical-axis rules) the kernel runs under ``jax.shard_map``: q/k/v (and
+  the output) split as the logical axes ``(batch, None, heads, None)``, i.e. over the mesh axes of the
+  ``batch`` rule (default ``data``, ``fsdp``) and of the ``heads`` rule (default ``tensor``), with the
+  sequence whole on every device (an activation ``context`` split is gathered first) and kv_len
+  replicated; the static mask is shared. Attention is independent per batch element and head, so this
+  is exact. A dimension its mesh axes do not divide is replicated, as everywhere in
+  :func:`qarvd_jax.train.sharding.partition_spec` (the QAT entry points reject such batch / head
+  counts up front); outside a context (or on one device) the kernel is called directly.
 
 On TPU the kernel compiles through Mosaic (``interpret=False`` forces that on any backend, e.g. for
 ``jax.export(..., platforms=["tpu"])`` from a CPU host). Elsewhere it runs only in the Pallas
@@ -39,19 +48,23 @@ switch: the registered ``"splash"`` is the compiled kernel, and tests register
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 from qarvd_jax.models.wan import kv_quant as kvq
-from qarvd_jax.models.wan.attention import register_attention
+from qarvd_jax.models.wan.attention import current_attention_sharding, register_attention
 
 __all__ = ["splash_attention", "splash_block_size"]
 
 LANES = 128  # sequence and head-dim padding unit (TPU lane width)
 BLOCKS = (512, 256, 128)  # candidate q / kv block sizes, largest first
+SHARD_AXES = ("batch", None, "heads", None)  # logical axes of q/k/v [B, L, H, D] under shard_map
 
 
 def _round_up(n: int, m: int) -> int:
@@ -143,6 +156,9 @@ def splash_attention(q, k, v, *, mask=None, kv_len=None, precision=None, interpr
     Returns:
       [B, Lq, H, D] in q's dtype. Equal to :func:`~qarvd_jax.models.wan.attention.reference_attention`
       up to float32 summation order (and the scaling of q in q's dtype, module docstring).
+
+    Inside :func:`~qarvd_jax.models.wan.attention.attention_sharding` on a multi-device mesh the kernel runs
+    under ``jax.shard_map`` over the batch and heads (module docstring, "Sharding").
     """
     del precision
     interpret = _resolve_interpret(interpret)
@@ -152,16 +168,44 @@ def splash_attention(q, k, v, *, mask=None, kv_len=None, precision=None, interpr
         raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
     lk = k.shape[1]
     m = _static_mask(mask, lq, lk)
+    n_valid = None if kv_len is None else jnp.clip(jnp.asarray(kv_len, jnp.int32), 0, lk)
+    local = functools.partial(_splash_local, mask=m, interpret=interpret)
+    plan = _shard_plan(q.shape, k.shape)
+    if plan is None:
+        return local(q, k, v, n_valid)
+    mesh, q_spec, kv_spec = plan
+    args = (q, k, v) if n_valid is None else (q, k, v, n_valid)
+    specs = (q_spec, kv_spec, kv_spec, P())[:len(args)]  # kv_len replicated
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+
+
+def _shard_plan(q_shape, k_shape):
+    """``(mesh, q spec, k/v spec)`` of the :func:`~qarvd_jax.models.wan.attention.attention_sharding` context
+    (:data:`SHARD_AXES` under its rules), or None: no context, or a one-device mesh (call the kernel directly).
+    ``check_vma=False`` at the call: the upstream kernel's ``pallas_call`` declares no varying mesh axes."""
+    sharding = current_attention_sharding()
+    if sharding is None:
+        return None
+    q_sh, kv_sh = sharding(SHARD_AXES, q_shape), sharding(SHARD_AXES, k_shape)
+    if q_sh.mesh.size == 1:
+        return None
+    return q_sh.mesh, q_sh.spec, kv_sh.spec
+
+
+def _splash_local(q, k, v, n_valid=None, *, mask, interpret):
+    """The kernel on (per-device) [B, L, H, D] operands; ``n_valid``: None or the clipped kv_len."""
+    _, lq, h, d = q.shape
+    lk = k.shape[1]
     lq_p, lk_p, d_p = _round_up(lq, LANES), _round_up(lk, LANES), _round_up(d, LANES)
     bq, bkv = splash_block_size(lq_p), splash_block_size(lk_p)
     sizes = splash_kernel.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                                      block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    head_mask = _pad_mask(m, lq, lk, lq_p, lk_p)
+    head_mask = _pad_mask(mask, lq, lk, lq_p, lk_p)
     kernel = splash_kernel.make_splash_mha(splash_mask.MultiHeadMask([head_mask] * h), block_sizes=sizes,
                                            head_shards=1, q_seq_shards=1, interpret=interpret)
     segments = None
-    if kv_len is not None or (m is None and lk_p > lk):  # (a given mask already excludes padded keys)
-        n_valid = lk if kv_len is None else jnp.clip(jnp.asarray(kv_len, jnp.int32), 0, lk)
+    if n_valid is not None or (mask is None and lk_p > lk):  # (a given mask already excludes padded keys)
+        n_valid = lk if n_valid is None else n_valid
         segments = splash_kernel.SegmentIds(q=jnp.zeros((lq_p,), jnp.int32),
                                             kv=(jnp.arange(lk_p) >= n_valid).astype(jnp.int32))
     qs = (q * jnp.asarray(1.0 / np.sqrt(d), q.dtype)).astype(q.dtype)
