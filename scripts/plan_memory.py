@@ -16,6 +16,12 @@ fine-tune student with the method's layers, separate full-precision teacher; met
 with the ``key=value`` overrides, e.g. ``w_bits=3 a_bits=3``) instead of Q-ARVD's QAT (``qat``, default);
 the calibration plan is Q-ARVD's and is skipped for the methods.
 
+``--dual-scale`` plans Q-ARVD's default ``dual_scale=true`` (the planner's default stays ``dual_scale=false``):
+every eligible block layer gets K outlier input channels, K a multiple of the recipe's ``align`` drawn per
+layer and block from ``--dual-seed`` (0 = single-scale, up to ``--dual-max-groups`` x align, at most half the
+channels), so blocks differ; QAT trains them in the mask form (:mod:`qarvd_jax.quant.stackable`), scanned.
+The JSON then also has ``qat.dual_scale`` (layer counts, K values, whether the blocks are scanned).
+
 ``--json FILE`` writes ``{"qat": {"per_device_bytes": {"arguments", "temp", "total" (= arguments + temp),
 "output", "alias", "peak" (XLA's peak_memory_in_bytes)}, "mesh": {...},
 "videos_per_device": n, "method": ..., ...}, "calibration": {"host_bytes": H, "device_bytes": D, ...}}``.
@@ -48,6 +54,10 @@ def _parse(argv):
     p.add_argument("--skip-calibration", action="store_true")
     p.add_argument("--calib-prompts", type=int, default=1)
     p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--dual-scale", action="store_true", help="plan dual_scale=true with synthetic outlier counts "
+                   "per layer and block (K a multiple of align, from --dual-seed)")
+    p.add_argument("--dual-seed", type=int, default=0, help="seed of the synthetic outlier counts (--dual-scale)")
+    p.add_argument("--dual-max-groups", type=int, default=4, help="K is at most this many x align (--dual-scale)")
     p.add_argument("--count-gathers", action="store_true", help="also count the compiled step's all-gathers by "
                    "dtype, in the entry computation and in loop bodies (weights gathered per layer or whole)")
     p.add_argument("overrides", nargs="*", help="QATConfig key=value overrides (with --method: also the method's "
@@ -83,14 +93,18 @@ def build(args):
         method_overrides, qat_overrides = split_overrides(args.method, args.overrides)
     rules = shd.rules_table(load_qat_config(args.config, qat_overrides).logical_axis_rules)
     shards = math.prod(mesh.shape[a] for a in rules.get("batch", ()))
-    overrides = [f"batch_size={args.videos_per_device * shards}", f"mesh={mesh_spec}", "dual_scale=false",
-                 *qat_overrides]
+    if args.dual_scale and args.method != "qat":
+        raise SystemExit("--dual-scale plans Q-ARVD's QAT (--method qat)")
+    overrides = [f"batch_size={args.videos_per_device * shards}", f"mesh={mesh_spec}",
+                 f"dual_scale={'true' if args.dual_scale else 'false'}", *qat_overrides]
     cfg = load_qat_config(args.config, overrides)
     mcfg = base.replace(param_dtype="float32", dtype=cfg.compute_dtype, attention=cfg.attention)
     sampler = InferenceConfig()
     if args.method == "qat":
         model = nnx.eval_shape(lambda: CausalWanModel(mcfg, rngs=nnx.Rngs(0)))
-        quantize_model(model, cfg.recipe().rules(), outliers={})
+        outliers = synthetic_outliers(model, cfg.recipe(), args.dual_seed, args.dual_max_groups) \
+            if args.dual_scale else {}
+        quantize_model(model, cfg.recipe().rules(), outliers=outliers)
         trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, abstract=True)
     else:
         from qarvd_jax.quant.methods import load_method_config
@@ -100,6 +114,40 @@ def build(args):
         model = hooks.abstract_student(base)
         trainer = QATTrainer(model, cfg, mesh, latent_shape, sampler, abstract=True, hooks=hooks)
     return trainer, model, cfg, mesh, latent_shape, sampler, mcfg
+
+
+def synthetic_outliers(model, recipe, seed: int, max_groups: int) -> dict:
+    """``name -> sorted outlier channels`` for the dual-scale-eligible block layers: K = align x j, j uniform in
+    [0, max_groups] per layer and block (deterministic from ``seed``), capped at half the input channels."""
+    import zlib
+
+    import numpy as np
+    from flax import nnx
+
+    from qarvd_jax.models.wan.params import flax_path_to_torch_name
+    from qarvd_jax.quant.recipe import match_rule
+
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Linear):
+            continue
+        name = flax_path_to_torch_name(path)
+        rule = match_rule(name, recipe.rules())
+        if rule is None or not rule.dual_scale or not name.startswith("blocks."):
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        k = min(recipe.align * int(rng.integers(0, max_groups + 1)), node.in_features // 2)
+        if k:
+            out[name] = np.sort(rng.choice(node.in_features, k, replace=False)).astype(np.int32)
+    return out
+
+
+def dual_scale_summary(trainer) -> dict:
+    """What the planned step trains: dual-scale layers (gather form), the mask form's layers, scanned or not."""
+    ks = [c.n_outlier for c in trainer.layer_configs.values() if c.n_outlier]
+    return {"dual_scale_layers": len(ks), "layers": len(trainer.layer_configs), "k_min": min(ks, default=0),
+            "k_max": max(ks, default=0), "k_distinct": len(set(ks)), "mask_form_layers": len(trainer.mask_layers),
+            "scanned": bool(trainer.distiller.scanned)}
 
 
 def analytic(trainer, cfg, mcfg, mesh, latent_shape, vpd: int) -> dict:
@@ -208,6 +256,8 @@ def main(argv=None) -> int:
                    "devices": jax.device_count(), "backend": jax.default_backend(),
                    "rollout_gradient": cfg.rollout_gradient, "method": args.method,
                    **({} if trainer.hooks is None else {"method_config": trainer.hooks.describe()["config"]})}}
+    if args.dual_scale:
+        out["qat"]["dual_scale"] = dual_scale_summary(trainer)
     label = "QAT" if args.method == "qat" else f"{args.method} QAT"
     print(f"{label} step, mesh {dict(mesh.shape)}, {args.videos_per_device} video(s)/device, compiled in {secs:.0f} s")
     for k in ("arguments", "output", "temp", "total", "peak"):
@@ -217,6 +267,8 @@ def main(argv=None) -> int:
         print(f"  all-gathers by dtype: entry {qat['all_gathers']['entry']}, loop bodies {qat['all_gathers']['loops']}")
     for k, v in out["qat"]["analytic_bytes"].items():
         print(f"  analytic {k}: {v / GIB:.2f} GiB")
+    if args.dual_scale:
+        print(f"  dual scale: {out['qat']['dual_scale']}")
     if args.method != "qat" and not args.skip_calibration:
         print(f"calibration: not planned for --method {args.method} (the planner covers Q-ARVD's calibration)")
     elif not args.skip_calibration:

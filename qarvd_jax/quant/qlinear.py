@@ -12,14 +12,23 @@ Quantization state lives in its own variable collection, :class:`QuantState`, se
 ``a_on``        []              1.0: fake-quantize the input
 ``outlier_idx`` [K] int32       input channels of the outlier group (dual scale only)
 ``normal_idx``  [in-K] int32    the other input channels (dual scale only)
+``group_mask``  [in] float32    mask form only (training), instead of the two index arrays:
+                                1.0 = outlier channel (group 0), 0.0 = normal (group 1)
 ==============  ==============  ==========================================================
 
 The flags are traced values, so turning quantization on or off (per chunk, per pass) swaps state
 leaves without recompiling. The forward is ``y = Σ_g Q(X_g) Q(W_g) + b`` (bias once).
+
+Mask form (``cfg.group_mask``; :mod:`qarvd_jax.quant.stackable` converts to and from it): the same sum
+over input channels as one matmul, ``y = Q(X; a_{g(c)}) Q(W; w_{g(c), o})ᵀ + b``, with each channel's
+activation step and each (o, c) weight step taken from its group ``g(c)`` by ``jnp.where`` (so the
+gradient of a group's step is the sum over its channels, as in the gathered form). Arrays have fixed
+shapes whatever K is, so the blocks of a model stack for ``lax.scan`` (QAT).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import jax
@@ -28,11 +37,11 @@ import numpy as np
 from flax import nnx
 
 from qarvd_jax.quant.adaround import AdaRoundConfig, soft_weight
-from qarvd_jax.quant.fake_quant import QuantParams, fake_quant
+from qarvd_jax.quant.fake_quant import QuantParams, QuantSpec, fake_quant, group_layout
 from qarvd_jax.quant.recipe import LayerQuantConfig, match_rule
 
-__all__ = ["QuantState", "QuantLinear", "qlinear_apply", "install_layers", "quantize_model", "iter_quant_layers",
-           "set_quant_flags", "with_quant_flags", "set_collect"]
+__all__ = ["QuantState", "QuantLinear", "qlinear_apply", "mask_form_specs", "install_layers", "quantize_model",
+           "iter_quant_layers", "set_quant_flags", "with_quant_flags", "set_collect"]
 
 
 class QuantState(nnx.Variable):
@@ -46,6 +55,49 @@ def _groups(x, kernel, state: dict, cfg: LayerQuantConfig):
         return [(x, w)]
     o, n = state["outlier_idx"], state["normal_idx"]
     return [(jnp.take(x, o, axis=-1), jnp.take(w, o, axis=1)), (jnp.take(x, n, axis=-1), jnp.take(w, n, axis=1))]
+
+
+def mask_form_specs(cfg: LayerQuantConfig) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """(activation, weight) specs of the mask form of ``cfg``'s quantizers: the activation's per-tensor step
+    of each group becomes a per-input-channel step (``per_channel``, last axis) and the weight's per-row step
+    of each group a per-element step of ``W [out, in]`` (``per_group`` of size 1 along ``in``).
+
+    Raises ``ValueError`` for quantizers whose per-group parameters depend on which channels are in the group
+    (activations other than per_tensor; weights per input channel or per group)."""
+    a = w = None
+    if cfg.a_spec is not None:
+        if cfg.a_spec.granularity != "per_tensor":
+            raise ValueError(f"{cfg.name}: the mask form needs a per_tensor activation quantizer, "
+                             f"not {cfg.a_spec.granularity}")
+        a = dataclasses.replace(cfg.a_spec, granularity="per_channel", axis=-1)
+    if cfg.w_spec is not None:
+        if cfg.w_spec.granularity == "per_group" or group_layout((2, 2), cfg.w_spec).bcast_shape[1] != 1:
+            raise ValueError(f"{cfg.name}: the mask form needs weight steps shared along the input axis "
+                             f"(per_tensor, or per output channel), not {cfg.w_spec}")
+        w = dataclasses.replace(cfg.w_spec, granularity="per_group", axis=1, group_size=1)
+    return a, w
+
+
+def _mask_apply(x, kernel, bias, state: dict, cfg: LayerQuantConfig, precision):
+    """:func:`qlinear_apply` of a mask-form layer (module docstring): one matmul over every channel."""
+    if "group_mask" not in state:
+        raise ValueError(f"{cfg.name}: a mask-form config needs the group_mask state leaf")
+    dtype = x.dtype
+    a_spec, w_spec = mask_form_specs(cfg)
+    outlier = state["group_mask"] > 0  # [in]
+    w = kernel.T  # [out, in]
+    if a_spec is not None:
+        per_chan = lambda p: jnp.where(outlier, p[0], p[1])  # noqa: E731  [in]
+        aq = QuantParams(per_chan(state["a_scale"]), per_chan(state["a_zero"]))
+        x = jnp.where(state["a_on"] > 0, fake_quant(x, aq, a_spec), x)
+    if w_spec is not None:
+        rows = group_layout(w.shape, cfg.w_spec).bcast_shape  # (out, 1) or (1, 1)
+        per_elem = lambda p: jnp.broadcast_to(  # noqa: E731  [out, in]
+            jnp.where(outlier[None, :], p[0].reshape(rows), p[1].reshape(rows)), w.shape)
+        wq = QuantParams(per_elem(state["w_scale"]), per_elem(state["w_zero"]))
+        w = jnp.where(state["w_on"] > 0, fake_quant(w, wq, w_spec), w)
+    y = jnp.einsum("...i,oi->...o", x, w.astype(dtype), precision=precision)
+    return y + bias.astype(dtype) if bias is not None else y
 
 
 def qlinear_apply(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, state: dict, cfg: LayerQuantConfig, *,
@@ -62,7 +114,13 @@ def qlinear_apply(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, state
 
     Returns:
       y [..., out] in x's dtype. Quantizers compute in float32; the matmul runs in x's dtype.
+      A mask-form ``cfg`` (``group_mask``) runs one matmul over all channels (no AdaRound ``v``).
     """
+    if cfg.group_mask:
+        if v is not None:
+            raise ValueError(f"{cfg.name}: AdaRound (v) is not supported in the mask form of a dual-scale layer; "
+                             f"convert the model back with qarvd_jax.quant.stackable.from_mask_form")
+        return _mask_apply(x, kernel, bias, state, cfg, precision)
     dtype = x.dtype
     y = None
     for g, (xg, wg) in enumerate(_groups(x, kernel, state, cfg)):
@@ -117,6 +175,8 @@ class QuantLinear(nnx.Module):
         names = ["w_scale", "w_zero", "a_scale", "a_zero", "w_on", "a_on"]
         if self.cfg.n_outlier:
             names += ["outlier_idx", "normal_idx"]
+        if self.cfg.group_mask:
+            names.append("group_mask")
         return {n: getattr(self, n)[...] for n in names}
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -190,8 +250,6 @@ def quantize_model(model: nnx.Module, rules, *, outliers: dict[str, np.ndarray] 
     Returns:
       ``name -> LayerQuantConfig`` of the quantized layers. Quantizers start disabled (flags 0).
     """
-    from qarvd_jax.quant.fake_quant import QuantSpec
-
     outliers = outliers or {}
     resolved = {}
     for path, _ in [(p, n) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear)]:

@@ -41,7 +41,14 @@ class QuantRule:
 
 @dataclass(frozen=True)
 class LayerQuantConfig:
-    """Static (hashable) quantization settings of one layer, resolved from a rule."""
+    """Static (hashable) quantization settings of one layer, resolved from a rule.
+
+    ``n_outlier``: K, the number of outlier input channels of a dual-scale layer (gathered by its
+    ``outlier_idx`` / ``normal_idx`` state), 0 otherwise. ``group_mask``: the *mask form* of a dual-scale
+    layer used only while training (:mod:`qarvd_jax.quant.stackable`): two groups chosen per input channel
+    by a ``group_mask`` [in] state leaf, ``n_outlier`` 0 (there are no gathered channels) and K in the
+    mask, so layers of different K share one config. Never saved (``to_dict`` refuses it).
+    """
 
     name: str
     w_spec: QuantSpec | None
@@ -50,14 +57,20 @@ class LayerQuantConfig:
     reconstruct: bool = True
     chunk_weighting: bool = True
     act_samples: int | None = None
+    group_mask: bool = False
 
     @property
     def groups(self) -> int:
-        """1 (single scale) or 2 (outlier group first, then normal)."""
-        return 2 if self.n_outlier else 1
+        """1 (single scale) or 2 (outlier group first, then normal; gathered or by mask)."""
+        return 2 if self.n_outlier or self.group_mask else 1
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        if self.group_mask:
+            raise ValueError(f"{self.name}: a mask-form (training) layer config is not saved; convert the model "
+                             f"back with qarvd_jax.quant.stackable.from_mask_form")
+        d = dataclasses.asdict(self)
+        del d["group_mask"]  # the saved format is unchanged
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerQuantConfig":

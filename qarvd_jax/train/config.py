@@ -66,7 +66,8 @@ class QATConfig:
         ``remat_policy`` (``per_call``), or each whole model call (``full``).
       remat_policy: a ``jax.checkpoint_policies`` name; ``nothing_saveable`` keeps only block inputs.
       scan_layers: run the blocks under ``lax.scan`` over stacked per-block states (``per_call``;
-        a Python loop when blocks differ, e.g. dual-scale layers with different outlier counts).
+        dual-scale layers with different outlier counts train in the fixed-shape mask form,
+        :mod:`qarvd_jax.quant.stackable`, so the blocks stay alike; a Python loop when blocks differ).
       attention: attention implementation of the student and teacher during training ("flash":
         O(block) memory forward and backward; cuDNN on GPU). The exported model keeps the
         checkpoint's own setting.

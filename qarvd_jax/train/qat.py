@@ -4,7 +4,10 @@ Recipe (``qarvd quantize --method qat``):
 
 1. Student: a float32-master copy of the DiT (compute in ``compute_dtype``) with the Q-ARVD layer
    surgery (dual-scale split), percentile-MSE weight quantizers and chunk-weighted activation
-   calibration (:func:`prepare_student`; no AdaRound: QAT learns the steps instead).
+   calibration (:func:`prepare_student`; no AdaRound: QAT learns the steps instead). Training converts
+   its dual-scale layers to the fixed-shape mask form (:mod:`qarvd_jax.quant.stackable`), so blocks of
+   different outlier counts still stack for ``lax.scan``; checkpoints hold that form, the export the
+   original one.
 2. Every step (:func:`train_step`, pure and jitted with explicit shardings): sample noise, let the
    full-precision teacher (same graph, quantizer flags off) generate the batch's videos, train the
    quantized model's KV-cache path to reproduce the teacher's flows pass by pass
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 
 from qarvd_jax.models.wan.attention import attention_sharding
 from qarvd_jax.models.wan.model import block_stack_plan
+from qarvd_jax.quant import stackable
 from qarvd_jax.quant.qlinear import QuantState, iter_quant_layers, set_quant_flags, with_quant_flags
 from qarvd_jax.train import sharding as shd
 from qarvd_jax.train.config import QATConfig
@@ -230,18 +234,27 @@ class QATTrainer:
       latent_shape: (F, C, h, w); sampler: the pipeline's InferenceConfig; omega: [K] chunk weights.
       jit_cache: optional dict shared between trainers: runs with the same model structure, step
         settings and mesh reuse one jitted (compiled) step instead of compiling again.
+      mask_form: (Q-ARVD's QAT) train the block positions holding dual-scale layers in the mask form
+        (:func:`qarvd_jax.quant.stackable.to_mask_form` of a copy of ``model`` sharing its arrays; the
+        names are ``mask_layers``), so the blocks share one structure and scan; :meth:`export_model`
+        converts back. False: the gathered form (blocks of different outlier counts run in a loop).
     """
 
     def __init__(self, model, cfg: QATConfig, mesh: Mesh, latent_shape, sampler, omega=None,
-                 jit_cache: dict | None = None, abstract: bool = False, hooks=None):
+                 jit_cache: dict | None = None, abstract: bool = False, hooks=None, mask_form: bool = True):
         self.cfg, self.mesh, self.hooks = cfg, mesh, hooks
         self.rules = shd.rules_table(cfg.logical_axis_rules)
         batch_axes = self.rules.get("batch", ())
         check_batch_divisible(cfg.batch_size, mesh, batch_axes)
         filt = trainable_filter(cfg.train_weights) if hooks is None else hooks.trainable_filter()
+        # the gathered layout, for the export (a mask-form layer keeps its original config)
+        self.layer_configs = {n: getattr(layer, "unmasked_cfg", layer.cfg) for n, layer in iter_quant_layers(model)}
+        if mask_form and hooks is None:
+            model = stackable.shallow_copy(model)  # the caller's model stays in the gathered form
+            stackable.to_mask_form(model)
+        self.mask_layers = stackable.mask_form_layers(model)
         self.graphdef, trainable, frozen = nnx.split(model, filt, ...)
         self.model_config = model.config
-        self.layer_configs = {n: layer.cfg for n, layer in iter_quant_layers(model)}
         self.trainable_sh = shd.tree_shardings(trainable, mesh, self.rules)
         self.frozen_sh = shd.tree_shardings(frozen, mesh, self.rules)
         self.tx = make_optimizer(cfg, trainable) if hooks is None else hooks.optimizer(trainable)
@@ -355,6 +368,7 @@ class QATTrainer:
         trained = nnx.merge(self.graphdef, trainable, frozen)
         if self.hooks is not None:
             return self.hooks.export(trained, fp_config)
+        stackable.from_mask_form(trained)  # the trained steps in the gathered layout of layer_configs
         model = nnx.eval_shape(lambda: CausalWanModel(fp_config, rngs=nnx.Rngs(0)))
         install_layers(model, self.layer_configs,
                        {n: np.arange(c.n_outlier) for n, c in self.layer_configs.items() if c.n_outlier})
@@ -441,6 +455,10 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
         abstract_state, abstract_frozen = trainer.abstract_state()
         meta = ckpt.read_meta(latest)
         _check_resume(meta, cfg, ckpt.directory, omega, None if hooks is None else hooks.describe())
+        if meta.get("mask_form_layers", 0) != len(trainer.mask_layers):
+            raise ValueError(f"{ckpt.directory}: the checkpoint holds {meta.get('mask_form_layers', 0)} dual-scale "
+                             f"layers in the mask form, this run trains {len(trainer.mask_layers)} (checkpoints of "
+                             f"older versions keep the gathered form); use another --out")
         state, frozen, meta = ckpt.restore(latest, abstract_state, abstract_frozen)
         trainer.set_frozen(frozen)
         if meta["data_position"] != data.data_position(latest):
@@ -457,7 +475,7 @@ def run_qat(stack, cfg: QATConfig, source: PromptSource | Sequence[str], *, out_
         return {"step": step, "data_position": data.data_position(step), "global_batch": cfg.batch_size,
                 "schedule_steps": cfg.schedule_steps, "process_count": jax.process_count(),
                 "chunk_weights": None if omega is None else [float(v) for v in omega], "config": cfg.to_dict(),
-                "method": None if hooks is None else hooks.describe()}
+                "method": None if hooks is None else hooks.describe(), "mask_form_layers": len(trainer.mask_layers)}
 
     saved = latest
     bar = tqdm(total=cfg.steps, initial=start, desc="QAT", disable=not main)
