@@ -28,10 +28,10 @@ from qarvd_jax.train.sharding import make_mesh
 _GATHER = re.compile(r"= (\w+)\[([\d,]*)\][^\n]*all-gather\(")
 
 
-def abstract_trainer(mesh_spec: str, *overrides: str, batch: int = 8):
+def abstract_trainer(mesh_spec: str, *overrides: str, batch: int = 8, layers: int | None = None):
     cfg = load_qat_config(None, [f"batch_size={batch}", f"mesh={mesh_spec}", "dual_scale=false",
                                  "compute_dtype=bfloat16", *overrides])
-    base = WanDiTConfig.tiny()
+    base = WanDiTConfig.tiny() if layers is None else WanDiTConfig.tiny().replace(num_layers=layers)
     model = qat_mod.fp32_master(CausalWanModel(base, rngs=nnx.Rngs(0)), cfg)
     quantize_model(model, cfg.recipe().rules(), outliers={})
     return qat_mod.QATTrainer(model, cfg, make_mesh(mesh_spec), (6, base.in_dim, 4, 4), InferenceConfig(),

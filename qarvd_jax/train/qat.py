@@ -50,7 +50,7 @@ from qarvd_jax.train.rollout import Distiller
 from qarvd_jax.train.run_io import (_append_log, _check_resume, _Preemption, _read_log, _write_log, plot_losses,
                                     write_run_json)
 from qarvd_jax.train.state import (QATCheckpointer, TrainState, abstract_like, lr_schedule, make_optimizer,
-                                   project_scales, trainable_filter)
+                                   map_block_states, project_scales, trainable_filter)
 from qarvd_jax.utils.epaths import check_url_backend, out_path
 
 __all__ = ["initialize_distributed", "validate_mesh", "load_chunk_weights", "prepare_student", "calibrate_student", "train_step",
@@ -182,7 +182,8 @@ def _attention_sharded(step):
 
 @_attention_sharded
 def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict, *, distiller: Distiller,
-               tx: optax.GradientTransformation, cfg: QATConfig, hooks=None, teacher_distiller=None):
+               tx: optax.GradientTransformation, cfg: QATConfig, hooks=None, teacher_distiller=None,
+               stacked_tx: optax.GradientTransformation | None = None):
     """One QAT step (pure).
 
     Args:
@@ -192,6 +193,10 @@ def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict
 
       hooks / teacher_distiller: a method's :class:`~qarvd_jax.train.method_qat.MethodHooks` (frozen leaves
         of the step, post-update transform, extra metrics) and its full-precision teacher's Distiller.
+      stacked_tx: (``per_call``, scanned blocks) ``tx`` on the blocks stacked over a layer axis
+        (:meth:`Distiller.stack_state`, ``make_optimizer(stacked_blocks=True)``): the gradient stays stacked
+        and the update runs once per stacked leaf instead of once per layer (the same update; a compiled
+        step whose size does not grow with the number of layers); the state keeps its per-layer layout.
 
     Returns:
       ``(new_state, metrics)`` with metrics ``loss`` [], ``chunk_loss`` [K], ``grad_norm`` [], ``lr`` [].
@@ -205,13 +210,23 @@ def train_step(state: TrainState, frozen: nnx.State, teacher: tuple, batch: dict
         keys = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(cfg.seed), p))(batch["prompt_id"])
     noise, renoise = distiller.sample_noise(keys)
     traj = (teacher_distiller or distiller).teacher_rollout(teacher, batch["embeds"], noise, renoise)
-    if distiller.rollout_gradient == "per_call":
-        (loss, aux), grads = distiller.student_loss_and_grad(state.trainable, frozen, batch["embeds"], traj)
+    if stacked_tx is not None:  # blocks stacked: one update per stacked leaf, back to the per-layer state after
+        params = distiller.stack_state(state.trainable)
+        (loss, aux), grads = distiller.stacked_loss_and_grad(params, frozen, batch["embeds"], traj)
+        updates, opt_state = stacked_tx.update(grads, map_block_states(state.opt_state, distiller.stack_state),
+                                               params)
+        trainable = project_scales(optax.apply_updates(params, updates), cfg.min_scale)
+        trainable = distiller.unstack_state(trainable, like=state.trainable)
+        opt_state = jax.tree.unflatten(jax.tree.structure(state.opt_state), jax.tree.leaves(
+            map_block_states(opt_state, distiller.unstack_state)))
     else:
-        (loss, aux), grads = jax.value_and_grad(distiller.student_loss, has_aux=True)(
-            state.trainable, frozen, batch["embeds"], traj)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = project_scales(optax.apply_updates(state.trainable, updates), cfg.min_scale)
+        if distiller.rollout_gradient == "per_call":
+            (loss, aux), grads = distiller.student_loss_and_grad(state.trainable, frozen, batch["embeds"], traj)
+        else:
+            (loss, aux), grads = jax.value_and_grad(distiller.student_loss, has_aux=True)(
+                state.trainable, frozen, batch["embeds"], traj)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = project_scales(optax.apply_updates(state.trainable, updates), cfg.min_scale)
     metrics = {"loss": loss, "chunk_loss": aux["chunk_loss"], "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(cfg, cfg.lr)(state.step + 1)}
     if hooks is not None:
@@ -283,17 +298,37 @@ class QATTrainer:
         if hooks is not None:  # a method's teacher: the full-precision graph, not the student with flags off
             self.teacher, teacher_sh, teacher_distiller = hooks.teacher(self, latent_shape, sampler, omega, abstract)
         self.teacher_sh = teacher_sh
+        self.stacked_tx = self._stacked_optimizer(trainable)
         key = (self.graphdef, _step_key(cfg), tuple(latent_shape), sampler, None if omega is None else
                tuple(np.asarray(omega, np.float32).tolist()), mesh, None if hooks is None else hooks.key())
         if jit_cache is not None and key in jit_cache:
             self.step_fn = jit_cache[key]
         else:
             step = partial(train_step, distiller=self.distiller, tx=self.tx, cfg=cfg, hooks=hooks,
-                           teacher_distiller=teacher_distiller)
+                           teacher_distiller=teacher_distiller, stacked_tx=self.stacked_tx)
             self.step_fn = jax.jit(step, in_shardings=(self.state_sh, self.frozen_sh, teacher_sh, self.batch_sh),
                                    out_shardings=(self.state_sh, rep), donate_argnums=(0,))
             if jit_cache is not None:
                 jit_cache[key] = self.step_fn
+
+    def _stacked_optimizer(self, trainable):
+        """The optimiser on the train step's stacked-blocks layout (None: blocks not scanned, block weights
+        trained, or a state that does not map onto the per-layer one). Trained block weights keep the
+        per-layer update: stacking their Adam moments would cost two more copies of the block weights."""
+        d = self.distiller
+        if d.rollout_gradient != "per_call" or not d.scanned or "blocks" not in trainable:
+            return None
+        if any(isinstance(v, nnx.Param) for v in jax.tree.leaves(trainable["blocks"],
+                                                                  is_leaf=lambda x: isinstance(x, nnx.Variable))):
+            return None
+        stacked = jax.eval_shape(d.stack_state, trainable)
+        tx = make_optimizer(self.cfg, stacked, stacked_blocks=True) if self.hooks is None else \
+            self.hooks.optimizer(stacked)
+        want = jax.eval_shape(lambda t: map_block_states(self.tx.init(t), d.stack_state), trainable)
+        got = jax.eval_shape(tx.init, stacked)
+        same = jax.tree.structure(want) == jax.tree.structure(got) and all(
+            a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+        return tx if same else None
 
     def make_distiller(self, graphdef, model, latent_shape, sampler, omega, step_context: bool) -> Distiller:
         cfg, mesh = self.cfg, self.mesh

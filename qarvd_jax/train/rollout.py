@@ -36,7 +36,10 @@ Two gradients of that loss (``rollout_gradient``):
 
 In ``per_call`` mode the transformer blocks run from stacked per-block states under ``lax.scan``
 (``scan_layers``; :class:`qarvd_jax.models.wan.model.BlockStack`), which also keeps the compiled
-program small; the model's parameter tree (``blocks.<i>``) is unchanged.
+program small; the model's parameter tree (``blocks.<i>``) is unchanged. The train step keeps the
+gradient stacked and runs the optimiser update on the stacked leaves too (:meth:`Distiller.stack_state`,
+:meth:`Distiller.stacked_loss_and_grad`; one update per leaf *type*, not per layer and leaf), so the
+compiled step barely grows with the number of layers.
 """
 
 from __future__ import annotations
@@ -187,21 +190,42 @@ class Distiller:
             blocks = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
         return rest, blocks
 
-    def _block_list(self, blocks):
+    def _block_list(self, blocks, placeholders: bool = False):
+        """Stacked blocks -> per-layer states; ``placeholders``: layer 0's slice in every slot (for a model
+        whose own blocks are never called: one slice per leaf to trace, not one per layer)."""
         if blocks is None or not self.scanned:
             return blocks
-        return [jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(self.num_layers)]
+        if placeholders:
+            first = jax.tree.map(lambda x: jax.lax.index_in_dim(x, 0, keepdims=False), blocks)
+            return [jax.tree.map(lambda x: x, first) for _ in range(self.num_layers)]
+        return [jax.tree.map(lambda x, i=i: jax.lax.index_in_dim(x, i, keepdims=False), blocks)
+                for i in range(self.num_layers)]
 
-    def _join_blocks(self, rest, blocks):
+    def _join_blocks(self, rest, blocks, placeholders: bool = False):
         """Inverse of :meth:`_split_blocks` (stacked blocks are sliced per layer)."""
         d = dict(rest.items())
         if blocks is not None:
-            d["blocks"] = nnx.State(dict(enumerate(self._block_list(blocks))))
+            d["blocks"] = nnx.State(dict(enumerate(self._block_list(blocks, placeholders))))
         return nnx.State(d)
 
+    def stack_state(self, state):
+        """(scanned blocks) ``state`` with ``blocks`` as one state of stacked [L, ...] leaves instead of
+        ``blocks.<i>``: the layout of the train step's optimiser update (one update per stacked leaf
+        instead of one per layer keeps the compiled step's size independent of the number of layers)."""
+        if not self.scanned:
+            raise ValueError("stack_state needs stacked (scanned) blocks")
+        rest, blocks = self._split_blocks(state)
+        return nnx.State({**dict(rest.items()), **({} if blocks is None else {"blocks": blocks})})
+
+    def unstack_state(self, state, like=None):
+        """Inverse of :meth:`stack_state`; ``like``: a per-layer tree whose exact structure to return."""
+        rest = nnx.State({k: v for k, v in state.items() if k != "blocks"})
+        out = self._join_blocks(rest, state["blocks"] if "blocks" in state else None)
+        return out if like is None else jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(out))
+
     def _bind(self, rests, stacks, remat: bool):
-        """(model, BlockStack) from split states; the model's own blocks are unused slices."""
-        model = nnx.merge(self.graphdef, *(self._join_blocks(r, b) for r, b in zip(rests, stacks)))
+        """(model, BlockStack) from split states; the model's own blocks are unused placeholders."""
+        model = nnx.merge(self.graphdef, *(self._join_blocks(r, b, placeholders=True) for r, b in zip(rests, stacks)))
         states = tuple(b if b is not None else (nnx.State({}) if self.scanned else [nnx.State({})] * self.num_layers)
                        for b in stacks)
         cons = self._constrain_activation if self.activation_sharding is not None else None
@@ -335,12 +359,30 @@ class Distiller:
 
         Returns ``((loss [], aux), grads)`` with aux ``{"chunk_loss": [K]}`` and grads like ``trainable``.
         """
+        (loss, aux), g_diff = self._loss_and_grad(self._split_blocks(trainable), frozen, embeds, traj)
+        leaves = jax.tree.leaves(self._join_blocks(*g_diff))  # same key order as trainable
+        grads = jax.tree.unflatten(jax.tree.structure(trainable),
+                                   [g.astype(x.dtype) for g, x in zip(leaves, jax.tree.leaves(trainable), strict=True)])
+        return (loss, aux), grads
+
+    def stacked_loss_and_grad(self, stacked, frozen, embeds: jax.Array, traj: Trajectory):
+        """:meth:`student_loss_and_grad` of a :meth:`stack_state` trainable; grads stacked the same way."""
+        rest = nnx.State({k: v for k, v in stacked.items() if k != "blocks"})
+        (loss, aux), g_diff = self._loss_and_grad((rest, stacked["blocks"] if "blocks" in stacked else None),
+                                                  frozen, embeds, traj)
+        g_rest, g_blocks = g_diff
+        g = nnx.State({**dict(g_rest.items()), **({} if g_blocks is None else {"blocks": g_blocks})})
+        grads = jax.tree.unflatten(jax.tree.structure(stacked), [x.astype(p.dtype) for x, p in zip(
+            jax.tree.leaves(g), jax.tree.leaves(stacked), strict=True)])
+        return (loss, aux), grads
+
+    def _loss_and_grad(self, diff, frozen, embeds: jax.Array, traj: Trajectory):
+        """The per-call objective of split trainable states ``diff = (rest, blocks)``: ``((loss, aux),
+        float32 gradients of diff)``."""
         b = embeds.shape[0]
         fc, steps = self.chunk_frames, self.num_steps
         taus = self._taus()
-        tr_rest, tr_blocks = self._split_blocks(trainable)
         fr_rest, fr_blocks = self._split_blocks(frozen)
-        diff = (tr_rest, tr_blocks)
 
         def bind(d, remat, ctx=None):
             fr = (fr_rest, fr_blocks)
@@ -400,9 +442,5 @@ class Distiller:
         (_, g_diff, g_cross), chunk_loss = jax.lax.scan(chunk, init, (jnp.arange(self.num_chunks), traj.inputs,
                                                                         traj.flows))
         (g_from_cross,) = cross_vjp(jax.tree.map(lambda g, c: g.astype(c.dtype), g_cross, cross))
-        g_diff = add(g_diff, g_from_cross)
-        leaves = jax.tree.leaves(self._join_blocks(*g_diff))  # same key order as trainable
-        grads = jax.tree.unflatten(jax.tree.structure(trainable),
-                                   [g.astype(x.dtype) for g, x in zip(leaves, jax.tree.leaves(trainable), strict=True)])
         loss = jnp.sum(omega * chunk_loss) / self.num_chunks
-        return (loss, {"chunk_loss": chunk_loss}), grads
+        return (loss, {"chunk_loss": chunk_loss}), add(g_diff, g_from_cross)

@@ -30,7 +30,7 @@ from qarvd_jax.quant.qlinear import QuantState
 from qarvd_jax.train.config import QATConfig
 
 __all__ = ["SCALE_NAMES", "TrainState", "trainable_filter", "lr_schedule", "make_optimizer", "project_scales",
-           "abstract_like", "QATCheckpointer"]
+           "scale_by_layer_block_rms", "map_block_states", "abstract_like", "QATCheckpointer"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def lr_schedule(cfg: QATConfig, peak: float) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=peak * cfg.min_lr_ratio)
 
 
-def make_optimizer(cfg: QATConfig, trainable: nnx.State) -> optax.GradientTransformation:
+def make_optimizer(cfg: QATConfig, trainable: nnx.State, *,
+                   stacked_blocks: bool = False) -> optax.GradientTransformation:
     """Global-norm clipping, then per group:
 
     * ``scale`` (quantizer steps): Adam with *relative* updates, i.e. the Adam direction times the
@@ -86,6 +87,10 @@ def make_optimizer(cfg: QATConfig, trainable: nnx.State) -> optax.GradientTransf
 
     Both follow the warmup + cosine schedule; step ``n`` (0-based) uses the schedule at ``n + 1`` so
     the first update is not wasted on a zero learning rate.
+
+    ``stacked_blocks``: ``trainable`` holds the blocks stacked over a leading layer axis (the train step's
+    layout, :meth:`qarvd_jax.train.rollout.Distiller.stack_state`): the same update, with one RMS per layer
+    of a stacked leaf. Its state is :func:`map_block_states` of the per-layer optimiser's state.
     """
     labels = jax.tree_util.tree_map_with_path(_label, trainable)
 
@@ -93,12 +98,44 @@ def make_optimizer(cfg: QATConfig, trainable: nnx.State) -> optax.GradientTransf
         base = lr_schedule(cfg, peak)
         return lambda count: base(count + 1)
 
-    scale_tx = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), optax.scale_by_param_block_rms(),
+    rms = scale_by_layer_block_rms() if stacked_blocks else optax.scale_by_param_block_rms()
+    scale_tx = optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), rms,
                            optax.scale_by_learning_rate(sched(cfg.lr)))
     weight_tx = optax.adamw(sched(cfg.weight_lr), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     groups = {"scale": scale_tx, "weight": weight_tx}
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     return optax.chain(*chain, optax.multi_transform(groups, labels))
+
+
+def scale_by_layer_block_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
+    """``optax.scale_by_param_block_rms`` of a tree whose ``blocks`` leaves are stacked [L, ...]: those get
+    the RMS of each layer's slice (the per-layer optimiser's block RMS), the other leaves their own."""
+
+    def rms(path, p):
+        if not (path and _key(path[0]) == "blocks"):
+            return optax.safe_root_mean_squares(p, min_scale)
+        axes = tuple(range(1, p.ndim))
+        r = jnp.sqrt(jnp.mean(jnp.square(p), axis=axes, keepdims=True))
+        q = jnp.where(r <= min_scale, jnp.ones_like(p), p)  # optax's safe form (finite gradients at 0)
+        return jnp.where(r <= min_scale, min_scale, jnp.sqrt(jnp.mean(jnp.square(q), axis=axes, keepdims=True)))
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("scale_by_layer_block_rms needs the params")
+        return jax.tree_util.tree_map_with_path(lambda path, u, p: u * rms(path, p), updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _key(k):
+    return getattr(k, "key", getattr(k, "name", None))
+
+
+def map_block_states(tree, fn):
+    """``fn`` applied to every ``nnx.State`` of ``tree`` that holds ``blocks`` (a train state, or an optimiser
+    state whose moments mirror it); the rest of ``tree`` unchanged."""
+    has_blocks = lambda x: isinstance(x, nnx.State) and "blocks" in x  # noqa: E731
+    return jax.tree.map(lambda x: fn(x) if has_blocks(x) else x, tree, is_leaf=has_blocks)
 
 
 def project_scales(trainable: nnx.State, min_scale: float) -> nnx.State:
