@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extended import extended_marks
 from flax import nnx
 
 from qarvd_jax.models.umt5.config import UMT5Config
@@ -106,9 +107,12 @@ ODD_VAES = [  # every decoder stage but the last halves an odd width somewhere
     dict(dim=7, dim_mult=(3, 1), temperal_downsample=(True,), num_res_blocks=1),
     dict(dim=3, dim_mult=(1, 1, 3), temperal_downsample=(True, False), z_dim=5, attn_scales=(1.0, 0.25)),
 ]
+# ~40 s each: two of the four (the 4-stage default layout and the 2-stage one) run only in the extended suite
+_VAE_CASES = [pytest.param(kw, marks=extended_marks("~40 s per odd VAE") if i in (0, 2) else (),
+                           id=f"dim{kw['dim']}-{'x'.join(map(str, kw['dim_mult']))}") for i, kw in enumerate(ODD_VAES)]
 
 
-@pytest.mark.parametrize("kw", ODD_VAES, ids=lambda kw: f"dim{kw['dim']}-{'x'.join(map(str, kw['dim_mult']))}")
+@pytest.mark.parametrize("kw", _VAE_CASES)
 def test_odd_width_vae_matches_original_layout_and_runs(kw):
     z = kw.get("z_dim", 4)
     cfg = WanVAEConfig(**{**kw, "z_dim": z, "latent_mean": (0.0,) * z, "latent_std": (1.0,) * z})

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extended import extended, extended_marks
 from flax import nnx
 
 from qarvd_jax.quant import lsq_quant as lq
@@ -172,6 +172,7 @@ def _host(tree):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(tree))
 
 
+@extended("~80 s; the sharded == unsharded step is in the default suite for Q-ARVD QAT (tests/test_qat.py)")
 def test_sharded_qvgen_step_matches_unsharded(stack):
     """One QVGen step on data=2,fsdp=4 equals the 1-device step (float32 summation order: loss rtol 1e-4;
     Adam's first update moves each leaf by ~lr so updates agree to 2 lr), and Φ / Q_w leaves are sharded."""
@@ -291,8 +292,7 @@ def _latents(stack, model):
 
 # The other eight (method, bits) cases (~55-75 s each) would add ~7 min to the default suite (CI budget):
 # they run with QARVD_EXTENDED_TESTS=1 (all nine passed: 553 s, 2026-12-01).
-_EXTENDED = (pytest.mark.slow, pytest.mark.skipif(not os.environ.get("QARVD_EXTENDED_TESTS"),
-                                                  reason="extended bit matrix: set QARVD_EXTENDED_TESTS=1"))
+_EXTENDED = extended_marks("extended bit matrix")
 
 
 @pytest.mark.parametrize("name,bits", [

@@ -8,12 +8,12 @@ the whole tiny-model QAT train step with attention="splash". With QARVD_EXTENDED
 sharded QAT step with the interpreted kernel equals the step with the reference attention."""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extended import extended
 from flax import nnx
 from jax import export
 from jax.sharding import PartitionSpec as P
@@ -191,9 +191,7 @@ def _step(stack, cfg, model, attention):
     return trainer.step(trainer.init_state(), data.global_batch_arrays(0, trainer.batch_sh))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("QARVD_EXTENDED_TESTS"), reason="~3 min on 2 shared cores (calibration and "
-                    "two sharded step compiles, one with the interpreted kernel): set QARVD_EXTENDED_TESTS=1")
+@extended("~3 min on 2 shared cores (calibration and two sharded step compiles, one with the interpreted kernel)")
 def test_sharded_qat_step_splash_equals_reference(calibrated_tiny, monkeypatch):
     """One calibrated QAT step (teacher rollout + per-call student gradients, 2 chunks) on data=2,tensor=4 with
     the interpreted splash kernel equals the step with the reference attention."""
