@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     """Sizes of the demo. ``preset``: ``"tiny"`` (random weights, default) or ``"testbed"`` (trained weights
     from :mod:`qarvd_jax.testbed`: real videos and a task score); geometry ``None``: the preset's (tiny 6
-    latent frames at 32 x 32, testbed 21 at 64 x 64)."""
+    latent frames at 32 x 32, testbed 21 at 32 x 32)."""
 
     preset: str = "tiny"
     num_frames: int | None = None

@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from convert.state_dict_io import write_state_dict  # noqa: E402
 from convert.wan_dit import export_torch  # noqa: E402
+from qarvd_jax.config import load_config  # noqa: E402
 from qarvd_jax.models import umt5 as umt5_lib  # noqa: E402
 from qarvd_jax.models.wan.loading import model_params  # noqa: E402
 from qarvd_jax.models.wan.model import CausalWanModel  # noqa: E402
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
                    help="stage 1b: the decoder on whole 81-frame clips")
     p.add_argument("--dit-steps", type=int, default=train.DiTTrainConfig.steps)
     p.add_argument("--dit-clips", type=int, default=960, help="training clips encoded for the DiT")
+    p.add_argument("--height", type=int, default=tb.HEIGHT, help="pixels per frame (multiple of 16)")
+    p.add_argument("--width", type=int, default=tb.WIDTH, help="pixels per frame (multiple of 16)")
     p.add_argument("--eval-videos", type=int, default=12)
     p.add_argument("--sampler", choices=SAMPLERS, default="euler",
                    help="sampler recorded in testbed.json (euler: the flow ODE; self_forcing: fresh re-noising)")
@@ -78,16 +81,30 @@ def main(argv=None) -> int:
     p.add_argument("--reuse-vae", action="store_true", help="keep OUT/vae.safetensors and its statistics")
     p.add_argument("--reuse-dit", action="store_true", help="keep OUT/dit.safetensors (with --reuse-vae: evaluate "
                    "and rewrite testbed.json only)")
+    p.add_argument("overrides", nargs="*", metavar="STAGE.FIELD=VALUE",
+                   help="recipe overrides, e.g. vae.lr=3e-4 dit.ema_decay=0.999 (stages: vae, decoder, dit)")
     args = p.parse_args(argv)
+    if args.height % 16 or args.width % 16 or min(args.height, args.width) < 16:
+        p.error(f"--height/--width must be multiples of 16 (VAE stride 4, DiT patch 2, 2 x 2 tokens at least), "
+                f"got {args.height} x {args.width}")
+    geo = dict(height=args.height, width=args.width)
     os.makedirs(os.path.join(args.out, "train"), exist_ok=True)
     log_path = os.path.join(args.out, "train", "losses.json")
     t_start = time.perf_counter()
     timings, figures = {}, {}
     print(f"[testbed] backend {jax.default_backend()}, devices {jax.device_count()}")
     train_caps, held_caps = data.split_captions()
-    vae_cfg = train.VAETrainConfig(steps=args.vae_steps, seed=args.seed)
-    dec_cfg = train.DecoderTuneConfig(steps=args.decoder_steps, seed=args.seed)
-    dit_cfg = train.DiTTrainConfig(steps=args.dit_steps, seed=args.seed)
+    stages = {"vae": [f"steps={args.vae_steps}", f"seed={args.seed}"],
+              "decoder": [f"steps={args.decoder_steps}", f"seed={args.seed}"],
+              "dit": [f"steps={args.dit_steps}", f"seed={args.seed}"]}
+    for item in args.overrides:
+        stage, _, rest = item.partition(".")
+        if stage not in stages or "=" not in rest:
+            p.error(f"override {item!r}: expected STAGE.FIELD=VALUE with STAGE one of {', '.join(stages)}")
+        stages[stage].append(rest)
+    vae_cfg = load_config(train.VAETrainConfig, None, stages["vae"])
+    dec_cfg = load_config(train.DecoderTuneConfig, None, stages["decoder"])
+    dit_cfg = load_config(train.DiTTrainConfig, None, stages["dit"])
     losses = json.load(open(log_path)) if args.reuse_vae and os.path.exists(log_path) else {}
 
     # ---- 1. VAE
@@ -98,24 +115,36 @@ def main(argv=None) -> int:
         vae = load_wan_vae(vae_path, tb.vae_config(**stats))
     else:
         t0 = time.perf_counter()
-        pool, _ = train.render_pool(train_caps, vae_cfg.pool_size, args.data_seed)
+        pool, _ = train.render_pool(train_caps, vae_cfg.pool_size, args.data_seed, **geo)
         vae = WanVAE(tb.vae_config(), rngs=nnx.Rngs(args.seed))
-        losses["vae"] = train.train_vae(vae, pool, vae_cfg)
+        losses["vae_images"] = train.train_images(vae, pool, steps=vae_cfg.image_steps,
+                                                  batch_size=vae_cfg.image_batch_size, lr=vae_cfg.image_lr,
+                                                  latent_l2=vae_cfg.latent_l2, seed=vae_cfg.seed)
+        train.inflate_to_video(vae)
+        if vae_cfg.steps:
+            losses["vae"] = train.train_vae(vae, pool, vae_cfg)
+        if vae_cfg.decoder_image_steps:
+            losses["decoder_images"] = train.train_images(vae, pool, steps=vae_cfg.decoder_image_steps,
+                                                          batch_size=vae_cfg.image_batch_size,
+                                                          lr=vae_cfg.decoder_image_lr, latent_l2=vae_cfg.latent_l2,
+                                                          seed=vae_cfg.seed, decoder_only=True)
         mu = train.latent_moments(vae, pool[:64])
         stats = {"latent_mean": [float(v) for v in mu.mean(axis=(0, 2, 3, 4))],
                  "latent_std": [float(v) for v in mu.std(axis=(0, 2, 3, 4))]}
         vae = load_wan_vae(_save_vae(vae, vae_path), tb.vae_config(**stats))
-        t0 = time.perf_counter()
-        long_pool, _ = train.render_pool(train_caps, dec_cfg.pool_size, args.data_seed + 3)
-        losses["decoder"] = train.finetune_decoder(vae, long_pool, dec_cfg)
-        vae = load_wan_vae(_save_vae(vae, vae_path), tb.vae_config(**stats))
-        del long_pool
-        timings["decoder_tune_s"] = round(time.perf_counter() - t0, 1)
+        if dec_cfg.steps:
+            t1 = time.perf_counter()
+            long_pool, _ = train.render_pool(train_caps, dec_cfg.pool_size, args.data_seed + 3, **geo)
+            losses["decoder"] = train.finetune_decoder(vae, long_pool, dec_cfg)
+            vae = load_wan_vae(_save_vae(vae, vae_path), tb.vae_config(**stats))
+            del long_pool
+            timings["decoder_tune_s"] = round(time.perf_counter() - t1, 1)
         json.dump(stats, open(stats_path, "w"))
         json.dump(losses, open(log_path, "w"))
         timings["vae_train_s"] = round(time.perf_counter() - t0, 1)
-        print(f"[testbed] VAE trained in {timings['vae_train_s']} s, final loss {np.mean(losses['vae'][-50:]):.5f}")
-    held_clips, _ = train.render_pool(held_caps, 8, args.data_seed + 1)
+        last = losses.get("vae") or losses.get("decoder_images") or losses["vae_images"]
+        print(f"[testbed] VAE trained in {timings['vae_train_s']} s, final loss {np.mean(last[-50:]):.5f}")
+    held_clips, _ = train.render_pool(held_caps, 8, args.data_seed + 1, **geo)
     psnrs = train.vae_psnr(vae, held_clips)
     figures["vae_psnr_db"] = round(float(np.mean(psnrs)), 2)
     figures["vae_psnr_min_db"] = round(float(np.min(psnrs)), 2)
@@ -130,7 +159,7 @@ def main(argv=None) -> int:
     info_extra = {"umt5_sha256": _sha256(os.path.join(args.out, "umt5.safetensors"))}
     row = {c: i for i, c in enumerate(all_caps)}
     if not args.reuse_dit:
-        clips, meta = train.render_pool(train_caps, args.dit_clips, args.data_seed + 2)
+        clips, meta = train.render_pool(train_caps, args.dit_clips, args.data_seed + 2, **geo)
         latents = train.encode_dataset(vae, clips)
         cap_index = np.asarray([row[c] for c, _ in meta])
         del clips
@@ -150,7 +179,8 @@ def main(argv=None) -> int:
 
     # ---- 4. held-out evaluation through the shipped files
     sampler = tb.default_sampler(args.sampler, args.sampling_steps)
-    spec = tb.TestbedSpec(dit=tb.dit_config(), vae=tb.vae_config(**stats), sampler=sampler, umt5_seed=0)
+    spec = tb.TestbedSpec(dit=tb.dit_config(), vae=tb.vae_config(**stats), sampler=sampler, umt5_seed=0,
+                          **geo)
     json.dump(spec.to_json(), open(os.path.join(args.out, "testbed.json"), "w"), indent=2)
     spec, dit, vae, t5 = tb.load_models(weights_dir=args.out)
     figures.update(evaluate(spec, dit, vae, t5, args.eval_videos, os.path.join(args.out, "train")))

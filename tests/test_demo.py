@@ -35,7 +35,8 @@ def test_demo_on_the_testbed_writes_report_with_decaying_sensitivity_and_task_sc
 
 def test_demo_on_tiny_writes_report_with_sensitivity_and_metrics(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli(["demo", "--out", str(out), "--num-prompts", "2", "--recon-iters", "20", "--qat-steps", "2"]) == 0
+    assert cli(["demo", "--preset", "tiny", "--out", str(out), "--num-prompts", "2", "--recon-iters", "20",
+                "--qat-steps", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     s = np.asarray(report["sensitivity"])
     assert s.shape == (2,) and abs(s.sum() - 1) < 1e-9 and np.all(s > 0)

@@ -15,6 +15,7 @@ from qarvd_jax.models.wan.model import CausalWanModel
 from qarvd_jax.models.wan.parity import verify_fixture
 from qarvd_jax.pipeline import scheduler as sch
 from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline, InferenceConfig
+from extended import extended
 
 
 def _write_fixture(d, *, b=2, f=8, h=4, w=6):
@@ -61,6 +62,7 @@ def _write_fixture(d, *, b=2, f=8, h=4, w=6):
     (d / "config.json").write_text(json.dumps(conf))
 
 
+@extended("scripts/parity.py end to end on an unseen configuration (~1 min on one core)")
 def test_parity_on_an_unseen_configuration_and_it_can_fail(tmp_path, capsys):
     _write_fixture(tmp_path)
     reports = verify_fixture(str(tmp_path))

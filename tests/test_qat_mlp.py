@@ -11,6 +11,7 @@ import numpy as np
 
 from test_qat import calibrated, cfg, sensitivity, sharded_and_single_step, stack  # noqa: F401  (fixtures)
 from test_qat_gathers import abstract_trainer
+from extended import extended
 
 MESH = "fsdp=2,tensor=4"
 NO_MLP = ("logical_axis_rules=[[batch,data,fsdp],[weight_in,fsdp],[weight_out,tensor],[row_in,tensor],"
@@ -23,6 +24,7 @@ def _gelu_shapes(*overrides) -> collections.Counter:
     return collections.Counter(tuple(int(d) for d in s.split(",")) for s in re.findall(r"= f32\[([\d,]+)\][^\n]* tanh\(", hlo))
 
 
+@extended("the FFN-hidden sharding rule on the compiled 1.3B-like step (~45 s on one core)")
 def test_ffn_hidden_follows_the_mlp_rule():
     """Per-device shapes of the FFN's gelu (tanh): ffn_dim/4 under the default ``mlp -> tensor``; the whole
     ffn_dim when the rule maps ``mlp`` to nothing (the constraint is what decides, not XLA's choice)."""

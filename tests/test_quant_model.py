@@ -15,6 +15,7 @@ from qarvd_jax.quant.calibration import (calibrate_activations, collect_inputs, 
 from qarvd_jax.quant.checkpoint import load_quantized_model, save_quantized
 from qarvd_jax.quant.qlinear import QuantLinear, QuantState, iter_quant_layers, quantize_model, set_quant_flags
 from qarvd_jax.quant.recipe import LayerQuantConfig, QARVDConfig, QuantRule
+from extended import extended
 
 LATENT = (6, 16, 4, 4)
 
@@ -188,6 +189,7 @@ def test_quantized_checkpoint_roundtrip(calibrated, tmp_path):
         load_quantized_model(tmp_path)
 
 
+@extended("layer-group calibration vs whole-model calibration (~2 min on one core)")
 def test_layer_groups_give_the_same_model_and_token_subsampling_bounds_memory():
     from qarvd_jax.quant.calibration import CalibrationData, run_qarvd_ptq
 

@@ -9,7 +9,7 @@ def add_model_args(p) -> None:
     g = p.add_argument_group("models (omit all for the built-in tiny model)")
     g.add_argument("--checkpoint", help="DiT checkpoint (.pt/.pth/.safetensors or Orbax folder)")
     g.add_argument("--preset", help="DiT config preset for --checkpoint (default selfforcing_1_3b); 'testbed': the "
-                   "built-in trained mini model (no checkpoint needed; 21 latent frames at 64 x 64)")
+                   "built-in trained mini model (no checkpoint needed; 21 latent frames at 32 x 32)")
     g.add_argument("--t5", help="models_t5_umt5-xxl-enc-bf16.pth")
     g.add_argument("--tokenizer", help="tokenizer.json of google/umt5-xxl")
     g.add_argument("--vae", help="Wan2.1_VAE.pth")

@@ -12,9 +12,9 @@ def register(sub) -> None:
                        "evaluation. Writes OUT/report.json (sensitivity + metrics), reports and plots.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", choices=["tiny", "testbed"], default="tiny",
-                   help="built-in model: tiny (random weights, default) or testbed (the trained mini ARVD; needs its "
-                   "weights, see docs/testbed.md)")
+    p.add_argument("--preset", choices=["tiny", "testbed"], default=None,
+                   help="built-in model: testbed (the trained mini ARVD, the default when its weights are in the "
+                   "package or $QARVD_TESTBED_WEIGHTS) or tiny (random weights; the default otherwise)")
     p.add_argument("--num-prompts", type=positive_int, default=4,
                    help="videos generated and evaluated per model")
     p.add_argument("--recon-iters", type=nonnegative_int, default=200,
@@ -27,8 +27,11 @@ def run(args) -> int:
     import json
 
     from qarvd_jax.demo import DemoConfig, run_demo
+    from qarvd_jax.testbed.config import weights_available
 
-    cfg = DemoConfig(preset=args.preset, seed=args.seed, num_prompts=args.num_prompts, recon_iters=args.recon_iters,
+    preset = args.preset or ("testbed" if weights_available() else "tiny")
+    print(f"demo on the {preset} model" + ("" if args.preset else " (pick another with --preset)"))
+    cfg = DemoConfig(preset=preset, seed=args.seed, num_prompts=args.num_prompts, recon_iters=args.recon_iters,
                      qat_steps=args.qat_steps)
     report = run_demo(args.out, cfg)
     print("sensitivity per chunk:", ", ".join(f"{s:.3f}" for s in report["sensitivity"]))
