@@ -17,7 +17,7 @@ from qarvd_jax.testbed.config import held_out_prompts, load_spec, weights_availa
 from qarvd_jax.testbed.score import score_video
 
 needs_weights = pytest.mark.skipif(not weights_available(), reason="no trained testbed weights in the package "
-                                   "(issue 12: the first training run missed the quality bar, docs/testbed.md)")
+                                   "(issue 12: the latest run misses the FP task-score bar, docs/testbed.md)")
 
 
 # ------------------------------------------------------------------------------------------ data
