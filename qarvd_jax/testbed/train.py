@@ -102,14 +102,8 @@ def _adamw(lr: float, warmup: int, steps: int, weight_decay: float = 0.0):
 def autoencode(vae: WanVAE, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``video (B, 3, T, H, W)`` in [-1, 1], ``T = 1 + 4k`` -> ``(reconstruction (B, 3, T, H, W), mu
     (B, T', h, w, z))`` through the causal encoder and decoder (un-normalised latents, no clamp)."""
-    z_dim = vae.config.z_dim
     x = to_channels_last(video).astype(vae.config.dtype)
-    out, slots = vae.encoder(x[:, :1], vae.encoder.fresh_cache())
-    outs = [out]
-    for i in range(1, x.shape[1], 4):
-        y, slots = vae.encoder(x[:, i:i + 4], slots)
-        outs.append(y)
-    mu = vae.conv1(jnp.concatenate(outs, axis=1))[0][..., :z_dim]
+    mu, _ = _encode_stream(vae, x, vae.encoder.fresh_cache(), first=True)
     return _decode_stream(vae, mu), mu
 
 
@@ -157,6 +151,13 @@ def _pixel_loss(recon: jax.Array, video: jax.Array, mu: jax.Array, latent_l2: fl
     return jnp.mean(per_pixel) + latent_l2 * jnp.mean(mu ** 2)
 
 
+def _stream_start_loss(vae: WanVAE, x: jax.Array, latent_l2: float, weight: jax.Array | None = None) -> jax.Array:
+    """Pixel loss of channels-last frames ``x (B, T, H, W, 3)`` encoded and decoded as a new stream."""
+    mu, _ = _encode_stream(vae, x, vae.encoder.fresh_cache(), first=True)
+    recon, _ = _decode_frames(vae, mu, vae.decoder.fresh_cache())
+    return _pixel_loss(recon, x, mu, latent_l2, weight)
+
+
 def object_weights(frames_u8: np.ndarray, object_weight: float, threshold: int = 24) -> np.ndarray:
     """Per-pixel loss weights ``[..., T, H, W, 1]`` of uint8 frames ``[..., T, H, W, 3]``: 1, plus
     ``object_weight`` where a pixel differs from its frame's 2-px border median by more than ``threshold``
@@ -185,12 +186,8 @@ def train_images(vae: WanVAE, pool: np.ndarray, *, steps: int, batch_size: int =
 
     @nnx.jit
     def step(vae, opt, x):
-        def loss_fn(vae):
-            mu, _ = _encode_stream(vae, x, vae.encoder.fresh_cache(), first=True)
-            recon, _ = _decode_frames(vae, mu, vae.decoder.fresh_cache())
-            return _pixel_loss(recon, x, mu, latent_l2)
-
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable))(vae)
+        loss, grads = nnx.value_and_grad(lambda v: _stream_start_loss(v, x, latent_l2),
+                                         argnums=nnx.DiffState(0, trainable))(vae)
         opt.update(vae, grads)
         return loss
 
@@ -237,12 +234,7 @@ def train_vae(vae: WanVAE, pool: np.ndarray, cfg: VAETrainConfig, *, progress: b
 
     @nnx.jit
     def start_step(vae, opt, x, weight):  # x: channels-last (B, frames, H, W, 3) in [-1, 1]
-        def loss_fn(vae):
-            mu, _ = _encode_stream(vae, x, vae.encoder.fresh_cache(), first=True)
-            recon, _ = _decode_frames(vae, mu, vae.decoder.fresh_cache())
-            return _pixel_loss(recon, x, mu, cfg.latent_l2, weight)
-
-        loss, grads = nnx.value_and_grad(loss_fn)(vae)
+        loss, grads = nnx.value_and_grad(lambda v: _stream_start_loss(v, x, cfg.latent_l2, weight))(vae)
         opt.update(vae, grads)
         return loss
 
@@ -303,15 +295,9 @@ def train_vae(vae: WanVAE, pool: np.ndarray, cfg: VAETrainConfig, *, progress: b
 
 
 def _decode_stream(vae: WanVAE, mu: jax.Array) -> jax.Array:
-    """Un-normalised latents ``(B, T', h, w, z)`` -> pixels ``(B, 3, 1 + 4 (T' - 1), H, W)``, frame by frame
-    through the decoder's causal cache (the streaming decode, unrolled)."""
-    z = vae.conv2(mu)[0]
-    y, slots = vae.decoder(z[:, :1], vae.decoder.fresh_cache())
-    ys = [y]
-    for i in range(1, z.shape[1]):
-        y, slots = vae.decoder(z[:, i:i + 1], slots)
-        ys.append(y)
-    return to_channels_first(jnp.concatenate(ys, axis=1))
+    """Un-normalised latents ``(B, T', h, w, z)`` -> pixels ``(B, 3, 1 + 4 (T' - 1), H, W)`` of a new stream
+    (the streaming decode, unrolled)."""
+    return to_channels_first(_decode_frames(vae, mu, vae.decoder.fresh_cache())[0])
 
 
 def finetune_decoder(vae: WanVAE, pool: np.ndarray, cfg: DecoderTuneConfig, *, progress: bool = True) -> list[float]:
