@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", choices=SAMPLERS, default="euler",
                    help="sampler recorded in testbed.json (euler: the flow ODE; self_forcing: fresh re-noising)")
     p.add_argument("--sampling-steps", type=int, default=16, help="denoising steps of the recorded sampler")
+    p.add_argument("--guidance-scale", type=float, default=3.0,
+                   help="classifier-free guidance of the recorded sampler (needs dit.caption_dropout > 0)")
     p.add_argument("--reuse-vae", action="store_true", help="keep OUT/vae.safetensors and its statistics")
     p.add_argument("--reuse-dit", action="store_true", help="keep OUT/dit.safetensors (with --reuse-vae: evaluate "
                    "and rewrite testbed.json only)")
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     if not args.reuse_dit:
         t0 = time.perf_counter()
         dit = CausalWanModel(tb.dit_config(), rngs=nnx.Rngs(args.seed))
-        losses["dit"] = train.train_dit(dit, latents, text, cap_index, dit_cfg)
+        null_text = np.zeros_like(text[0])  # unconditional = all padding, as the guided sampler's second branch
+        losses["dit"] = train.train_dit(dit, latents, text, cap_index, dit_cfg, null_text=null_text)
         timings["dit_train_s"] = round(time.perf_counter() - t0, 1)
         json.dump(losses, open(log_path, "w"))
         export_torch(model_params(dit), dit.config, os.path.join(args.out, "dit.safetensors"), overwrite=True)
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
     _plot(losses, os.path.join(args.out, "train", "losses.png"))
 
     # ---- 4. held-out evaluation through the shipped files
-    sampler = tb.default_sampler(args.sampler, args.sampling_steps)
+    sampler = tb.default_sampler(args.sampler, args.sampling_steps, args.guidance_scale)
     spec = tb.TestbedSpec(dit=tb.dit_config(), vae=tb.vae_config(**stats), sampler=sampler, umt5_seed=0,
                           **geo)
     json.dump(spec.to_json(), open(os.path.join(args.out, "testbed.json"), "w"), indent=2)

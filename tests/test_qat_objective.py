@@ -128,3 +128,29 @@ def test_flash_attention_forward_and_backward(kw):
     res = saved_residuals(lambda q, k, v: flash_attention(q, k, v, block_k=16, **kw), q, k, v)
     assert all(np.prod(r[0].shape) <= q.size * 3 or r[0].shape[-1] != 16 for r in res)
     assert not any(len(r[0].shape) == 5 for r in res)
+
+
+@pytest.mark.parametrize("rollout_gradient", ["full", "per_call"])
+def test_teacher_follows_the_guided_euler_sampler(rollout_gradient):
+    """With ``sampler: euler`` and classifier-free guidance the teacher's inputs are the pipeline's
+    (guided Euler steps, cond + zero-text caches), and its recorded flows are the conditional ones: the
+    full-precision model itself, replaying them, has zero loss."""
+    from qarvd_jax.pipeline.causal_inference import CausalInferencePipeline
+
+    model = _student(False)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(False), ...)
+    sampler = InferenceConfig(denoising_step_list=(1000, 600, 300), sampler="euler", guidance_scale=2.5)
+    plan = block_stack_plan(model) if rollout_gradient == "per_call" else None
+    d = Distiller(graphdef, model.config, LATENT, sampler, rollout_gradient=rollout_gradient, block_plan=plan)
+    teacher_frozen = qat_mod.with_quant_flags(frozen, False)
+    embeds = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16, 32)), jnp.float32)
+    noise, renoise = d.sample_noise(jax.random.split(jax.random.key(3), 2))
+    traj = jax.jit(d.teacher_rollout)((trainable, teacher_frozen), embeds, noise, renoise)
+    fp = nnx.merge(graphdef, trainable, teacher_frozen)
+    recs = list(CausalInferencePipeline(fp, sampler).stream(noise, embeds, renoise=renoise))
+    for k, rec in enumerate(recs):
+        np.testing.assert_allclose(traj.inputs[k], rec.inputs, rtol=1e-4, atol=1e-5)
+        assert np.abs(np.asarray(traj.flows[k]) - np.asarray(rec.flows)).max() > 1e-3  # guided != conditional
+    loss = d.student_loss(trainable, teacher_frozen, embeds, traj)[0] if rollout_gradient == "full" else \
+        jax.jit(d.student_loss_and_grad)(trainable, teacher_frozen, embeds, traj)[0][0]
+    assert float(loss) < 1e-9, float(loss)

@@ -11,6 +11,11 @@ of the chunk as a ``lax.scan`` over ``S + 1`` passes with a single traced model 
 * pass S is the context pass: the final x0 at ``context_noise`` (no noise added) only to
   overwrite the chunk's KV-cache slots with clean keys/values.
 
+With ``guidance_scale`` g != 1 (classifier-free guidance) every pass runs the model on a batch of 2B:
+the prompts and the unconditional embeddings (all padding, i.e. zeros, unless ``negative_embeds`` is
+given), each with its own KV cache, and uses ``flow_u + g (flow_c - flow_u)``; the context pass writes
+the same clean chunk into both caches.
+
 The same compiled chunk function serves every chunk (``current_start`` is traced, the KV cache is
 a fixed-size pytree, donated). Re-noising draws come from ``jax.random`` keys derived from the seed,
 or are replayed from recorded arrays (parity with the PyTorch pipeline).
@@ -66,7 +71,9 @@ class InferenceConfig:
     ``kv_cache``: self-attention cache format, ``"bf16"`` (float, the compute dtype), ``"int8"``,
     ``"fp8"`` or ``"int4"`` (:mod:`qarvd_jax.models.wan.kv_quant`); independent of the weights, so it
     composes with every quantization method. ``kv_sink_float``: keep a rolling cache's sink frames in
-    the compute dtype as well (quantized formats).
+    the compute dtype as well (quantized formats). ``guidance_scale``: classifier-free guidance
+    (1: off, one model call per pass; else two, conditional and unconditional, for models trained with
+    caption dropout such as the testbed).
     """
 
     denoising_step_list: tuple[int, ...] = (1000, 750, 500, 250)
@@ -77,9 +84,13 @@ class InferenceConfig:
     kv_cache: str = "bf16"
     kv_sink_float: bool = False
     sampler: str = "self_forcing"
+    guidance_scale: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "denoising_step_list", tuple(int(s) for s in self.denoising_step_list))
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {self.guidance_scale}")
         if not self.denoising_step_list:
             raise ValueError("denoising_step_list is empty")
         if self.sampler not in SAMPLERS:
@@ -155,6 +166,7 @@ class CausalInferencePipeline:
         eps = jnp.concatenate([jnp.zeros_like(noise)[None], renoise, jnp.zeros_like(noise)[None]])
 
         euler = self.config.sampler == "euler"
+        guided, guidance = self.guided, self.config.guidance_scale
 
         def one_pass(carry, inp):
             x0_prev, eps_prev, cache, gbs = carry
@@ -166,8 +178,12 @@ class CausalInferencePipeline:
             t = jnp.full((b, fc), tau, jnp.float32)
             high = None if bit_switch is None else gbs_rule.decide(gbs[0], bit_switch.delta)
             model = nnx.merge(graphdef, with_step_context(params, s, chunk_index, high))  # sown values stay here
+            x_model, t_model = (jnp.concatenate([x_in, x_in]), jnp.concatenate([t, t])) if guided else (x_in, t)
             (flow, cache), inter = nnx.capture(
-                lambda m: m.forward_chunk(x_in, t, cross, cache, current_start), nnx.Intermediate)(model)
+                lambda m: m.forward_chunk(x_model, t_model, cross, cache, current_start), nnx.Intermediate)(model)
+            if guided:  # [conditional; unconditional] -> guided flow
+                flow_c, flow_u = flow[:b].astype(jnp.float32), flow[b:].astype(jnp.float32)
+                flow = (flow_u + guidance * (flow_c - flow_u)).astype(flow.dtype)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
             x0_next = jnp.where(s == num_steps, x0_prev, x0)
             eps_next = ((x0.astype(jnp.float32) + flow.astype(jnp.float32)).astype(noise.dtype)  # implied noise
@@ -189,6 +205,11 @@ class CausalInferencePipeline:
 
     # ------------------------------------------------------------------------------ public API
     @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on (two model calls per pass)."""
+        return self.config.guidance_scale != 1.0
+
+    @property
     def num_denoising_steps(self) -> int:
         return int(self._timesteps.shape[0])
 
@@ -207,7 +228,7 @@ class CausalInferencePipeline:
 
     def stream(self, noise: jax.Array, prompt_embeds: jax.Array, *, seed: int | None = None,
                renoise: jax.Array | np.ndarray | None = None, params_for_chunk=None,
-               cross_params=None) -> Iterator[ChunkRecord]:
+               cross_params=None, negative_embeds: jax.Array | np.ndarray | None = None) -> Iterator[ChunkRecord]:
         """Generate chunk by chunk, yielding a :class:`ChunkRecord` as soon as each chunk is done.
 
         Args:
@@ -218,6 +239,9 @@ class CausalInferencePipeline:
           params_for_chunk: optional ``chunk_index -> params`` (or ``(graphdef, params)``) to run some
             chunks with other state, e.g. quantization flags on; same graph, so nothing recompiles.
           cross_params: params used for the cross-attention K/V (default: the model's).
+          negative_embeds: the unconditional branch's embeddings [B, Lc, text_dim] when
+            ``guidance_scale`` != 1 (default: zeros, all padding, what caption dropout trains); the
+            cache, cross K/V and ``intermediates`` then have batch 2B (prompts first).
 
         Each record's ``extras`` holds ``cache`` (valid until the next chunk is generated: it is
         donated), ``renoise`` and ``intermediates`` (values sown by the model, stacked over passes).
@@ -244,8 +268,23 @@ class CausalInferencePipeline:
             raise ValueError("pass either seed (fresh re-noising draws) or renoise (recorded draws)")
         key = jax.random.key(seed) if renoise is None else None
 
+        prompt_embeds = jnp.asarray(prompt_embeds)
+        if self.guided:
+            if prompt_embeds.shape[0] != b:
+                raise ValueError(f"guidance needs one prompt embedding per video: noise has batch {b}, "
+                                 f"prompt_embeds {prompt_embeds.shape[0]}")
+            if negative_embeds is None:
+                negative_embeds = jnp.zeros_like(prompt_embeds)
+            negative_embeds = jnp.asarray(negative_embeds, prompt_embeds.dtype)
+            if negative_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_embeds has shape {negative_embeds.shape}, expected the prompt "
+                                 f"embeddings' {prompt_embeds.shape}")
+            prompt_embeds = jnp.concatenate([prompt_embeds, negative_embeds])
+        elif negative_embeds is not None:
+            raise ValueError("negative_embeds given but guidance_scale is 1 (no guidance): set "
+                             "InferenceConfig.guidance_scale")
         cross = self.cross_kv(prompt_embeds, cross_params)
-        cache = kvc.new_cache(cfg, b, f, fsl, noise.dtype, kv_cache=self.config.kv_cache,
+        cache = kvc.new_cache(cfg, 2 * b if self.guided else b, f, fsl, noise.dtype, kv_cache=self.config.kv_cache,
                               sink_float=self.config.kv_sink_float)
         for ci in range(num_chunks):
             chunk_noise = noise[:, ci * fc:(ci + 1) * fc]

@@ -67,12 +67,14 @@ def sampling_steps(n: int) -> tuple[int, ...]:
     return tuple(int(round(1000 - i * 1000 / n)) for i in range(n))
 
 
-def default_sampler(sampler: str = "euler", steps: int = 16) -> InferenceConfig:
+def default_sampler(sampler: str = "euler", steps: int = 16, guidance_scale: float = 3.0) -> InferenceConfig:
     """The sampler the testbed is trained for (overridden by the recorded one in ``testbed.json``): the
-    Euler sampler of the flow ODE over ``steps`` evenly spaced timesteps, shift 3. The testbed DiT is
-    trained by plain flow matching (no distillation), so Self-Forcing's few-step sampler, which re-noises
-    each x0 prediction with a fresh draw, returns the blurred posterior mean (docs/testbed.md)."""
-    return InferenceConfig(denoising_step_list=sampling_steps(steps), timestep_shift=3.0, sampler=sampler)
+    Euler sampler of the flow ODE over ``steps`` evenly spaced timesteps, shift 3, with classifier-free
+    guidance ``guidance_scale`` (the DiT trains with caption dropout). The testbed DiT is trained by plain
+    flow matching (no distillation), so Self-Forcing's few-step sampler, which re-noises each x0
+    prediction with a fresh draw, returns the blurred posterior mean (docs/testbed.md)."""
+    return InferenceConfig(denoising_step_list=sampling_steps(steps), timestep_shift=3.0, sampler=sampler,
+                           guidance_scale=guidance_scale)
 
 
 @dataclass(frozen=True)

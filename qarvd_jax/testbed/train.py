@@ -81,9 +81,9 @@ class DecoderTuneConfig:
 
 @dataclass(frozen=True)
 class DiTTrainConfig:
-    steps: int = 2500
+    steps: int = 3000
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.01
     clean_prob: float = 0.25
@@ -92,6 +92,10 @@ class DiTTrainConfig:
     # The returned model holds an exponential moving average of the weights (decay warmed up as
     # min(ema_decay, (1 + i) / (10 + i))); 0 keeps the last iterate.
     ema_decay: float = 0.999
+    # Probability that a video trains with ``null_text`` (the script: zeros, i.e. all padding) instead of
+    # its caption: the unconditional model that classifier-free guidance (``InferenceConfig.guidance_scale``)
+    # needs.
+    caption_dropout: float = 0.1
 
 
 def _adamw(lr: float, warmup: int, steps: int, weight_decay: float = 0.0):
@@ -366,14 +370,22 @@ def vae_psnr(vae: WanVAE, clips_u8: np.ndarray, chunk_frames: int = 3) -> list[f
 
 
 def train_dit(model, latents: np.ndarray, text: np.ndarray, caption_index: np.ndarray, cfg: DiTTrainConfig, *,
-              progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+              null_text: np.ndarray | None = None, progress: bool = True,
+              on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Flow-matching training of ``model`` in place.
 
     Args:
       latents: normalised clean latents ``[N, F, C, h, w]`` (F a multiple of the chunk size).
       text: prompt embeddings ``[num_captions, text_len, text_dim]``; ``caption_index [N]`` the row of
         each latent's caption.
+      null_text: the unconditional embedding ``[text_len, text_dim]`` (zeros: all padding), which replaces
+        a video's caption with probability ``cfg.caption_dropout`` (required when that is > 0).
     """
+    if cfg.caption_dropout and null_text is None:
+        raise ValueError("DiTTrainConfig.caption_dropout > 0 needs null_text (the unconditional embedding)")
+    if null_text is not None and tuple(null_text.shape) != tuple(text.shape[1:]):
+        raise ValueError(f"null_text has shape {tuple(null_text.shape)}, expected {tuple(text.shape[1:])} "
+                         "(one caption's embedding)")
     fc = model.config.num_frame_per_block
     n, f = latents.shape[:2]
     chunks = f // fc
@@ -412,7 +424,10 @@ def train_dit(model, latents: np.ndarray, text: np.ndarray, caption_index: np.nd
         clean = rng.random((cfg.batch_size, chunks)) < cfg.clean_prob
         clean[:, -1] = False  # the last chunk always carries loss
         eps = rng.standard_normal((cfg.batch_size, *latents.shape[1:]), dtype=np.float32)
-        losses.append(step(model, opt, jnp.asarray(latents[idx]), jnp.asarray(text[caption_index[idx]]),
+        ctx = text[caption_index[idx]]
+        if cfg.caption_dropout:
+            ctx = np.where((rng.random(cfg.batch_size) < cfg.caption_dropout)[:, None, None], null_text, ctx)
+        losses.append(step(model, opt, jnp.asarray(latents[idx]), jnp.asarray(ctx),
                            jnp.asarray(t_idx), jnp.asarray(clean), jnp.asarray(eps)))
         if ema is not None:
             ema = ema_update(ema, nnx.state(model, nnx.Param), min(cfg.ema_decay, (1 + i) / (10 + i)))

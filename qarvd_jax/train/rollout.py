@@ -11,9 +11,10 @@ with it needs a doubled clean+noisy sequence whose RoPE offsets the model does n
 Per video (all arrays batched over B; K chunks of Fc frames, S denoising steps):
 
 * :meth:`Distiller.teacher_rollout`: the full-precision model generates the video exactly as
-  ``CausalInferencePipeline`` does (pass 0 from noise, pass s re-noises the previous x0 to tau_s,
-  pass S is the context pass), recording each pass's input ``x_t`` and flow: ``inputs``/``flows``
-  [K, S+1, B, Fc, C, H, W]. No gradient.
+  ``CausalInferencePipeline`` does (pass 0 from noise, pass s re-noises the previous x0 to tau_s with
+  the sampler's noise, fresh draws or the implied noise of ``euler``; pass S is the context pass; with
+  ``guidance_scale`` != 1 the trajectory follows the classifier-free-guided flow), recording each pass's
+  input ``x_t`` and (conditional) flow: ``inputs``/``flows`` [K, S+1, B, Fc, C, H, W]. No gradient.
 * The student replays the teacher's inputs chunk by chunk with its own cross-attention K/V and KV
   cache (its context pass consumes the teacher's clean x0). Loss::
 
@@ -114,6 +115,8 @@ class Distiller:
         self.timesteps = np.asarray(sampler.timesteps(), np.float32)
         self.context_noise = float(sampler.context_noise)
         self.num_steps = int(self.timesteps.shape[0])
+        self.euler = sampler.sampler == "euler"  # the teacher re-noises with its implied noise (pipeline's euler)
+        self.guidance_scale = float(sampler.guidance_scale)  # teacher steps with the guided flow
         if omega is None:
             omega = np.ones(self.num_chunks, np.float32)
         omega = np.asarray(omega, np.float32)
@@ -282,15 +285,18 @@ class Distiller:
         b = noise.shape[0]
         fc, steps = self.chunk_frames, self.num_steps
         taus = self._taus()
+        guided = self.guidance_scale != 1.0  # [conditional; unconditional (zeros)] batch of 2B, as the pipeline
+        both = jnp.concatenate([embeds, jnp.zeros_like(embeds)]) if guided else embeds
+        nb = both.shape[0]
         if self.block_plan is not None:  # blocks from stacked states (scan), stacked cache
             rests, stacks = zip(*(self._split_blocks(st) for st in states))
             model, blocks = self._bind(rests, stacks, remat=False)
-            cross = model.cross_kv(embeds, blocks=blocks)
+            cross = model.cross_kv(both, blocks=blocks)
             call = lambda _s, x, t, cr, cache, start: model.forward_chunk(x, t, cr, cache, start, blocks=blocks)
-            cache0 = self._init_stacked_cache(b)
+            cache0 = self._init_stacked_cache(nb)
         else:
-            cross = self._cross(states, embeds)
-            call, cache0 = self._call, self._init_cache(states, b)
+            cross = self._cross(states, both)
+            call, cache0 = self._call, self._init_cache(states, nb)
         chunks = jnp.moveaxis(noise.reshape(b, self.num_chunks, fc, *noise.shape[2:]), 1, 0)  # [K, B, Fc, ...]
 
         def chunk(cache, xs):
@@ -299,17 +305,28 @@ class Distiller:
             eps = jnp.concatenate([jnp.zeros_like(chunk_noise)[None], draws, jnp.zeros_like(chunk_noise)[None]])
 
             def one_pass(carry, inp):
-                x0_prev, cache = carry
+                x0_prev, eps_prev, cache = carry
                 s, tau, eps_s = inp
+                if self.euler:  # the noise the previous pass implies: an Euler step of the flow ODE
+                    eps_s = eps_prev
                 renoised = sch.add_noise(x0_prev, eps_s, tau, self.tables)
                 x_in = jnp.where(s == 0, chunk_noise, jnp.where(s == steps, x0_prev, renoised)).astype(self.dtype)
                 t = jnp.full((b, fc), tau, jnp.float32)
-                flow, cache = call(states, x_in, t, cross, cache, start)
-                x0 = sch.flow_to_x0(flow, x_in, t, self.tables).astype(self.dtype)
-                return (jnp.where(s == steps, x0_prev, x0), cache), (x_in, flow)
+                if guided:  # the student's target is the conditional flow; the trajectory follows the guided one
+                    out, cache = call(states, jnp.concatenate([x_in, x_in]), jnp.concatenate([t, t]), cross, cache,
+                                      start)
+                    flow, flow_u = out[:b], out[b:]
+                    step_flow = (flow_u.astype(jnp.float32) + self.guidance_scale
+                                 * (flow.astype(jnp.float32) - flow_u.astype(jnp.float32))).astype(flow.dtype)
+                else:
+                    flow, cache = call(states, x_in, t, cross, cache, start)
+                    step_flow = flow
+                x0 = sch.flow_to_x0(step_flow, x_in, t, self.tables).astype(self.dtype)
+                eps_next = (x0.astype(jnp.float32) + step_flow.astype(jnp.float32)).astype(self.dtype)
+                return (jnp.where(s == steps, x0_prev, x0), eps_next, cache), (x_in, flow)
 
-            (_, cache), (inputs, flows) = jax.lax.scan(one_pass, (jnp.zeros_like(chunk_noise), cache),
-                                                       (jnp.arange(steps + 1), taus, eps))
+            init = (jnp.zeros_like(chunk_noise), jnp.zeros_like(chunk_noise), cache)
+            (_, _, cache), (inputs, flows) = jax.lax.scan(one_pass, init, (jnp.arange(steps + 1), taus, eps))
             return cache, (inputs, flows)
 
         _, (inputs, flows) = jax.lax.scan(chunk, cache0, (jnp.arange(self.num_chunks), chunks, renoise))
