@@ -182,8 +182,7 @@ class CausalInferencePipeline:
             (flow, cache), inter = nnx.capture(
                 lambda m: m.forward_chunk(x_model, t_model, cross, cache, current_start), nnx.Intermediate)(model)
             if guided:  # [conditional; unconditional] -> guided flow
-                flow_c, flow_u = flow[:b].astype(jnp.float32), flow[b:].astype(jnp.float32)
-                flow = (flow_u + guidance * (flow_c - flow_u)).astype(flow.dtype)
+                flow = sch.guided_flow(flow[:b], flow[b:], guidance)
             x0 = sch.flow_to_x0(flow, x_in, t, tables).astype(noise.dtype)
             x0_next = jnp.where(s == num_steps, x0_prev, x0)
             eps_next = ((x0.astype(jnp.float32) + flow.astype(jnp.float32)).astype(noise.dtype)  # implied noise

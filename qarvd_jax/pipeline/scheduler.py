@@ -97,3 +97,9 @@ def flow_to_x0(flow: jax.Array, xt: jax.Array, t: jax.Array, tables: FlowMatchTa
     """``x0 = x_t - sigma(t) * flow`` in float32 (a higher-precision island), cast to ``flow.dtype``."""
     sigma = _per_frame_sigma(t, xt, tables)
     return (xt.astype(jnp.float32) - sigma * flow.astype(jnp.float32)).astype(flow.dtype)
+
+
+def guided_flow(flow_cond: jax.Array, flow_uncond: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance ``u + scale (c - u)``, computed in float32, returned in ``flow_cond``'s dtype."""
+    c, u = flow_cond.astype(jnp.float32), flow_uncond.astype(jnp.float32)
+    return (u + scale * (c - u)).astype(flow_cond.dtype)

@@ -315,14 +315,14 @@ class Distiller:
                 if guided:  # the student's target is the conditional flow; the trajectory follows the guided one
                     out, cache = call(states, jnp.concatenate([x_in, x_in]), jnp.concatenate([t, t]), cross, cache,
                                       start)
-                    flow, flow_u = out[:b], out[b:]
-                    step_flow = (flow_u.astype(jnp.float32) + self.guidance_scale
-                                 * (flow.astype(jnp.float32) - flow_u.astype(jnp.float32))).astype(flow.dtype)
+                    flow = out[:b]
+                    step_flow = sch.guided_flow(flow, out[b:], self.guidance_scale)
                 else:
                     flow, cache = call(states, x_in, t, cross, cache, start)
                     step_flow = flow
                 x0 = sch.flow_to_x0(step_flow, x_in, t, self.tables).astype(self.dtype)
-                eps_next = (x0.astype(jnp.float32) + step_flow.astype(jnp.float32)).astype(self.dtype)
+                eps_next = ((x0.astype(jnp.float32) + step_flow.astype(jnp.float32)).astype(self.dtype)
+                            if self.euler else eps_prev)  # self_forcing: unused, not computed
                 return (jnp.where(s == steps, x0_prev, x0), eps_next, cache), (x_in, flow)
 
             init = (jnp.zeros_like(chunk_noise), jnp.zeros_like(chunk_noise), cache)
