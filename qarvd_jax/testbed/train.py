@@ -34,7 +34,7 @@ from qarvd_jax.testbed import data
 __all__ = ["VAETrainConfig", "DecoderTuneConfig", "DiTTrainConfig", "autoencode", "train_images",
            "inflate_to_video", "object_weights", "render_pool", "train_vae",
            "finetune_decoder", "latent_moments",
-           "encode_dataset", "train_dit", "vae_psnr", "psnr"]
+           "encode_dataset", "train_dit", "reconstruct_clips", "vae_psnr", "psnr"]
 
 
 @dataclass(frozen=True)
@@ -352,21 +352,26 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 
-def vae_psnr(vae: WanVAE, clips_u8: np.ndarray, chunk_frames: int = 3) -> list[float]:
-    """Per-clip PSNR of encode -> streaming decode (chunks of ``chunk_frames`` latent frames, as the
-    pipeline decodes) -> clamp -> uint8, against the original uint8 clips."""
+def reconstruct_clips(vae: WanVAE, clips_u8: np.ndarray, chunk_frames: int = 3) -> list[np.ndarray]:
+    """Encode -> streaming decode (chunks of ``chunk_frames`` latent frames, as the pipeline decodes) ->
+    clamp -> uint8 frames ``[T, H, W, 3]``, one array per clip of ``clips_u8 [N, T, H, W, 3]``."""
     from qarvd_jax.models.wan_vae import decode_chunks
 
     out = []
     latents = encode_dataset(vae, clips_u8)  # one jitted encoder for every clip
-    for clip, lat in zip(clips_u8, latents):
+    for lat in latents:
         lat = jnp.asarray(np.swapaxes(lat[None], 1, 2))  # (1, C, T', h, w)
         chunks = [lat[:, :, i:i + chunk_frames] for i in range(0, lat.shape[2], chunk_frames)]
         pixels, _ = decode_chunks(vae, chunks, None)
         x = np.clip(np.asarray(pixels[0], np.float32), -1, 1) * 0.5 + 0.5
-        recon = (x * 255.0).astype(np.uint8).transpose(1, 2, 3, 0)
-        out.append(psnr(recon, clip[:recon.shape[0]]))
+        out.append((x * 255.0).astype(np.uint8).transpose(1, 2, 3, 0))
     return out
+
+
+def vae_psnr(vae: WanVAE, clips_u8: np.ndarray, chunk_frames: int = 3) -> list[float]:
+    """Per-clip PSNR of :func:`reconstruct_clips` against the original uint8 clips."""
+    return [psnr(recon, clip[:recon.shape[0]])
+            for recon, clip in zip(reconstruct_clips(vae, clips_u8, chunk_frames), clips_u8)]
 
 
 def train_dit(model, latents: np.ndarray, text: np.ndarray, caption_index: np.ndarray, cfg: DiTTrainConfig, *,
