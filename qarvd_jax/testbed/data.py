@@ -169,9 +169,9 @@ def clips(captions: list[Caption], count: int, data_seed: int, **geometry) -> It
     rng = np.random.default_rng([data_seed, 1])
     passes = -(-count // len(captions))
     order = np.concatenate([rng.permutation(len(captions)) for _ in range(passes)])[:count]
-    for i in range(count):
-        seed = clip_seed(data_seed, i)
-        yield captions[int(order[i])], seed, render_clip(captions[int(order[i])], seed, **geometry)[0]
+    for i, k in enumerate(order):
+        caption, seed = captions[int(k)], clip_seed(data_seed, i)
+        yield caption, seed, render_clip(caption, seed, **geometry)[0]
 
 
 def to_model_range(frames: np.ndarray) -> np.ndarray:
