@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-videos", type=int, default=12)
     p.add_argument("--sampler", choices=SAMPLERS, default="euler",
                    help="sampler recorded in testbed.json (euler: the flow ODE; self_forcing: fresh re-noising)")
-    p.add_argument("--sampling-steps", type=int, default=16, help="denoising steps of the recorded sampler")
+    p.add_argument("--sampling-steps", type=int, default=8, help="denoising steps of the recorded sampler")
     p.add_argument("--guidance-scale", type=float, default=3.0,
                    help="classifier-free guidance of the recorded sampler (needs dit.caption_dropout > 0)")
     p.add_argument("--reuse-vae", action="store_true", help="keep OUT/vae.safetensors and its statistics")
@@ -163,6 +163,7 @@ def main(argv=None) -> int:
     if not args.reuse_dit:
         clips, meta = train.render_pool(train_caps, args.dit_clips, args.data_seed + 2, **geo)
         latents = train.encode_dataset(vae, clips)
+        object_mask = train.latent_object_mask(clips, clips.shape[2] // latents.shape[-2])
         cap_index = np.asarray([row[c] for c, _ in meta])
         del clips
         timings["encode_s"] = round(time.perf_counter() - t0, 1)
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         dit = CausalWanModel(tb.dit_config(), rngs=nnx.Rngs(args.seed))
         null_text = np.zeros_like(text[0])  # unconditional = all padding, as the guided sampler's second branch
-        losses["dit"] = train.train_dit(dit, latents, text, cap_index, dit_cfg, null_text=null_text)
+        losses["dit"] = train.train_dit(dit, latents, text, cap_index, dit_cfg, null_text=null_text,
+                                        object_mask=object_mask)
         timings["dit_train_s"] = round(time.perf_counter() - t0, 1)
         json.dump(losses, open(log_path, "w"))
         export_torch(model_params(dit), dit.config, os.path.join(args.out, "dit.safetensors"), overwrite=True)

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from extended import extended
 from qarvd_jax.cli import main as cli
 from qarvd_jax.testbed.config import weights_available
 
@@ -33,6 +34,7 @@ def test_demo_on_the_testbed_writes_report_with_decaying_sensitivity_and_task_sc
     assert "report.json" in capsys.readouterr().out
 
 
+@extended("~100 s on 2 shared cores; the demo path itself is covered on the testbed above, this adds the tiny preset")
 def test_demo_on_tiny_writes_report_with_sensitivity_and_metrics(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli(["demo", "--preset", "tiny", "--out", str(out), "--num-prompts", "2", "--recon-iters", "20",

@@ -67,7 +67,7 @@ def sampling_steps(n: int) -> tuple[int, ...]:
     return tuple(int(round(1000 - i * 1000 / n)) for i in range(n))
 
 
-def default_sampler(sampler: str = "euler", steps: int = 16, guidance_scale: float = 3.0) -> InferenceConfig:
+def default_sampler(sampler: str = "euler", steps: int = 8, guidance_scale: float = 3.0) -> InferenceConfig:
     """The sampler the testbed is trained for (overridden by the recorded one in ``testbed.json``): the
     Euler sampler of the flow ODE over ``steps`` evenly spaced timesteps, shift 3, with classifier-free
     guidance ``guidance_scale`` (the DiT trains with caption dropout). The testbed DiT is trained by plain
